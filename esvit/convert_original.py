@@ -1,0 +1,151 @@
+"""Convert checkpoints of the original EsViT code (github microsoft/esvit) into Hub-ready folders.
+
+A released `checkpoint.pth` is a dict `{'student', 'teacher', 'optimizer', 'epoch', 'args',
+'dino_loss', 'fp16_scaler'}`. The networks' heads are attributes of the backbone (`head.*`,
+`head_dense.*`); student keys carry DistributedDataParallel's `module.` prefix, teacher keys carry it
+only for models with BatchNorm (CvT). `args` is a pickled `argparse.Namespace`, so the file is read
+with `torch.load(weights_only=True)` and an allow-list of exactly that class: no arbitrary objects
+are ever unpickled.
+
+Usage:
+    python -m esvit.convert_original checkpoint.pth out/esvit-swin-tiny-w7 --preset swin-tiny-w7
+    # writes out/.../model (EsViTModel) and out/.../pretraining (EsViTForPreTraining, with heads)
+
+The family-specific key maps are pure functions in `convert_swin`, `convert_vil`, `convert_cvt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from .configuration_esvit import EsViTConfig
+from .convert_cvt import original_cvt_to_esvit
+from .convert_swin import original_swin_to_esvit
+from .convert_vil import original_vil_to_esvit
+from .modeling_esvit import EsViTForPreTraining
+
+BACKBONE_CONVERTERS: dict[str, Callable[[dict], dict]] = {
+    "swin": original_swin_to_esvit,
+    "vil": original_vil_to_esvit,
+    "cvt": original_cvt_to_esvit,
+}
+HEAD_PREFIXES = ("head.", "head_dense.")
+
+#: `--arch` values of the original training script and the preset each one builds.
+ARCH_TO_PRESET = {
+    "swin_tiny": "swin-tiny-w7",
+    "swin_small": "swin-small-w7",
+    "swin_base": "swin-base-w7",
+    "swin_large": "swin-large-w7",
+    "vil_2262": "vil-2262",
+    "cvt_tiny": "cvt-s1",
+}
+
+
+def load_original_checkpoint(path: str | Path) -> dict:
+    """Read a `checkpoint.pth` of the original code without unpickling arbitrary objects."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def split_network_state(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Strip DDP's `module.` prefix and separate backbone keys from head keys."""
+    backbone, heads = {}, {}
+    for key, value in state.items():
+        key = key[len("module.") :] if key.startswith("module.") else key
+        (heads if key.startswith(HEAD_PREFIXES) else backbone)[key] = value
+    return backbone, heads
+
+
+def original_to_pretraining_state_dict(state: Mapping[str, torch.Tensor], config: EsViTConfig) -> dict:
+    """Map one original network (student or teacher) onto `EsViTForPreTraining` keys."""
+    backbone, heads = split_network_state(state)
+    converted = {f"esvit.{k}": v for k, v in BACKBONE_CONVERTERS[config.backbone_type](backbone).items()}
+    for key, value in heads.items():
+        # DINOHead keeps the original's layout (mlp.<i>, last_layer.weight_g / weight_v).
+        converted[key] = value
+    return converted
+
+
+def infer_preset(checkpoint: Mapping) -> str | None:
+    """The preset named by the checkpoint's training arguments, when they say it unambiguously."""
+    args = checkpoint.get("args")
+    arch = getattr(args, "arch", None)
+    preset = ARCH_TO_PRESET.get(arch)
+    cfg = str(getattr(args, "cfg", "") or "")
+    if preset and preset.startswith("swin") and re.search(r"window14", cfg):
+        preset = preset.replace("-w7", "-w14")
+    return preset
+
+
+def convert_checkpoint(
+    checkpoint: Mapping,
+    config: EsViTConfig,
+    which: str = "teacher",
+) -> EsViTForPreTraining:
+    """Build an `EsViTForPreTraining` holding the chosen network of an original checkpoint.
+
+    Raises a ValueError naming the offending keys when the checkpoint does not match `config`
+    (an unknown or missing key, or a tensor of another shape): nothing is loaded partially.
+    """
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}.")
+    if which not in checkpoint:
+        raise ValueError(f"the checkpoint has no {which!r} entry; its keys are {sorted(checkpoint)}.")
+    head_shape = checkpoint[which].get("head.last_layer.weight_v", checkpoint[which].get("module.head.last_layer.weight_v"))
+    if head_shape is not None and tuple(head_shape.shape) != (config.head_out_dim, config.head_bottleneck_dim):
+        raise ValueError(
+            f"the checkpoint's head maps {head_shape.shape[1]} -> {head_shape.shape[0]} but the config "
+            f"expects {config.head_bottleneck_dim} -> {config.head_out_dim}; set head_out_dim/head_bottleneck_dim."
+        )
+    state = original_to_pretraining_state_dict(checkpoint[which], config)
+    model = EsViTForPreTraining(config)
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    wrong = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"checkpoint does not match the {config.backbone_type} config: "
+            f"missing {missing[:8]}, unexpected {unexpected[:8]}, wrong shape {wrong[:8]}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="original checkpoint.pth")
+    parser.add_argument("output_dir", help="folder to write model/ and pretraining/ into")
+    parser.add_argument("--preset", help="EsViT preset (default: inferred from the checkpoint's args)")
+    parser.add_argument("--which", default="teacher", choices=("teacher", "student"))
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", help="Hub repository for --push_to_hub")
+    args = parser.parse_args(argv)
+
+    checkpoint = load_original_checkpoint(args.checkpoint)
+    preset = args.preset or infer_preset(checkpoint)
+    if preset is None:
+        parser.error("cannot infer the architecture from the checkpoint; pass --preset")
+    config = EsViTConfig.from_preset(preset, drop_path_rate=0.0)
+    weight_v = checkpoint[args.which].get("head.last_layer.weight_v", checkpoint[args.which].get("module.head.last_layer.weight_v"))
+    if weight_v is not None:
+        config.head_out_dim, config.head_bottleneck_dim = (int(s) for s in weight_v.shape)
+    model = convert_checkpoint(checkpoint, config, args.which)
+    out = Path(args.output_dir)
+    model.save_pretrained(out / "pretraining")
+    model.esvit.save_pretrained(out / "model")
+    print(f"wrote {out / 'model'} (EsViTModel) and {out / 'pretraining'} (EsViTForPreTraining), preset {preset}")
+    if args.push_to_hub:
+        if not args.hub_model_id:
+            parser.error("--push_to_hub needs --hub_model_id")
+        model.esvit.push_to_hub(args.hub_model_id)
+
+
+if __name__ == "__main__":
+    main()

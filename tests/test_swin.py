@@ -1,0 +1,365 @@
+"""Swin backbone: parity with the original EsViT code, checkpoint key mapping, attention paths.
+
+Parity is measured against the reference outputs of the original `SwinTransformer` (tiny W7 and
+W14 models, 224-px and 96-px inputs); the full-size key lists check that every released Swin
+architecture converts one-to-one and has the original's parameter count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_reference_state_dict
+from safetensors.torch import load_file
+
+from esvit.backbone_swin import SwinEncoder, shift_window_mask, window_merge, window_partition
+from esvit.configuration_esvit import PRESETS, EsViTConfig
+from esvit.convert_swin import is_derived_buffer, original_swin_to_esvit
+
+SWIN_TINY_REFERENCES = ("swin_tiny_w7", "swin_tiny_w14")
+# Every released (or configured) full-size Swin; swin-micro is a test-only size with no original.
+SWIN_PRESETS = sorted(n for n, p in PRESETS.items() if p["backbone_type"] == "swin" and n != "swin-micro")
+FEATURES = ("pooled_global", "region_global", "pooled_local", "region_local", "linear_n1", "linear_n4", "linear_n5")
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def tiny_config(window_size: int = 7, **overrides) -> EsViTConfig:
+    return EsViTConfig(
+        backbone_type="swin",
+        image_size=224,
+        hidden_sizes=(8, 16, 32, 64),
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 2, 4),
+        patch_sizes=(4, 2, 2, 2),
+        window_size=window_size,
+        drop_path_rate=0.0,
+        layer_norm_eps=1e-6,
+        **overrides,
+    )
+
+
+def config_from_manifest(kwargs: dict) -> EsViTConfig:
+    """The EsViTConfig equivalent of the original constructor kwargs recorded in the manifest."""
+    assert kwargs["norm_layer"] == "partial(nn.LayerNorm, eps=1e-6)" and kwargs["qk_scale"] is None
+    depth = len(kwargs["depths"])
+    return EsViTConfig(
+        backbone_type="swin",
+        image_size=kwargs["img_size"],
+        num_channels=kwargs["in_chans"],
+        hidden_sizes=tuple(kwargs["embed_dim"] * 2**i for i in range(depth)),
+        depths=tuple(kwargs["depths"]),
+        num_heads=tuple(kwargs["num_heads"]),
+        patch_sizes=(kwargs["patch_size"],) + (2,) * (depth - 1),
+        window_size=kwargs["window_size"],
+        mlp_ratio=kwargs["mlp_ratio"],
+        qkv_bias=kwargs["qkv_bias"],
+        drop_path_rate=kwargs["drop_path_rate"],
+        hidden_dropout_prob=kwargs["drop_rate"],
+        attention_probs_dropout_prob=kwargs["attn_drop_rate"],
+        layer_norm_eps=1e-6,
+        use_absolute_embeddings=kwargs["ape"],
+        patch_norm=kwargs["patch_norm"],
+    )
+
+
+def reference_encoder_weights(reference_dir: Path, manifest: dict, name: str) -> dict[str, torch.Tensor]:
+    """Original backbone weights converted to EsViTModel keys (`encoder.*`)."""
+    state = load_reference_state_dict(reference_dir, manifest, name)
+    backbone = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dense."))}
+    return original_swin_to_esvit(backbone)
+
+
+def strip_encoder_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("encoder."): v for k, v in state.items()}
+
+
+def report(label: str, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    diffs = {k: (got[k] - expected[k]).abs().max().item() for k in got}
+    print(f"\n[{label}] max abs diff: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], atol=ATOL, rtol=RTOL, msg=lambda m: f"{label} {key}: {m}")
+
+
+# ------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("name", SWIN_TINY_REFERENCES)
+def test_encoder_matches_original(name, reference_dir, reference_manifest, reference_inputs):
+    entry = reference_manifest["models"][name]
+    config = config_from_manifest(entry["constructor_kwargs"])
+    assert tuple(entry["depths_for_n_last_blocks"]) == config.depths
+    encoder = SwinEncoder(config).eval()
+    encoder.load_state_dict(strip_encoder_prefix(reference_encoder_weights(reference_dir, reference_manifest, name)))
+    expected = load_file(reference_dir / entry["files"]["outputs"])
+    for impl in ("sdpa", "eager"):
+        with torch.no_grad():
+            glob = encoder(reference_inputs["global_view1"], output_block_features=True, attn_implementation=impl)
+            local = encoder(reference_inputs["local_view1"], attn_implementation=impl)
+        blocks = glob.block_features
+        got = {
+            "pooled_global": glob.pooler_output,
+            "region_global": glob.last_hidden_state,
+            "pooled_local": local.pooler_output,
+            "region_local": local.last_hidden_state,
+            "linear_n1": torch.cat(blocks[-1:], dim=-1),
+            "linear_n4": torch.cat(blocks[-4:], dim=-1),
+            "linear_n5": torch.cat(blocks[-5:], dim=-1),
+        }
+        report(f"{name} encoder {impl}", got, {k: expected[k] for k in FEATURES})
+
+
+@pytest.mark.parametrize("name", SWIN_TINY_REFERENCES)
+def test_model_matches_original(name, reference_dir, reference_manifest, reference_inputs):
+    from esvit.modeling_esvit import EsViTModel
+
+    entry = reference_manifest["models"][name]
+    model = EsViTModel(config_from_manifest(entry["constructor_kwargs"])).eval()
+    weights = reference_encoder_weights(reference_dir, reference_manifest, name)
+    model.encoder.load_state_dict(strip_encoder_prefix(weights))
+    expected = load_file(reference_dir / entry["files"]["outputs"])
+    glob_view, local_view = reference_inputs["global_view1"], reference_inputs["local_view1"]
+    with torch.no_grad():
+        glob, local = model(glob_view), model(local_view)
+        got = {
+            "pooled_global": glob.pooler_output,
+            "region_global": glob.last_hidden_state,
+            "pooled_local": local.pooler_output,
+            "region_local": local.last_hidden_state,
+        }
+        got.update({f"linear_n{n}": model.get_n_last_blocks_features(glob_view, n) for n in (1, 4, 5)})
+    report(f"{name} EsViTModel", got, {k: expected[k] for k in FEATURES})
+
+
+def test_model_state_dict_loads_strictly_from_converted_checkpoint(reference_dir, reference_manifest):
+    from esvit.modeling_esvit import EsViTModel
+
+    name = "swin_tiny_w7"
+    model = EsViTModel(config_from_manifest(reference_manifest["models"][name]["constructor_kwargs"]))
+    model.load_state_dict(reference_encoder_weights(reference_dir, reference_manifest, name), strict=True)
+
+
+def test_window_geometry_is_pinned_at_training_size():
+    def geometry(config):
+        return [(b.window_size, b.shift_size) for stage in SwinEncoder(config).layers for b in stage.blocks]
+
+    # 224 px: stage resolutions 56, 28, 14, 7. A stage that fits one window never shifts.
+    assert geometry(tiny_config(7)) == [(7, 0), (7, 3)] * 3 + [(7, 0), (7, 0)]
+    assert geometry(tiny_config(14)) == [(14, 0), (14, 7)] * 2 + [(14, 0), (14, 0), (7, 0), (7, 0)]
+
+
+# ------------------------------------------------------------------------- full-size presets
+@pytest.mark.parametrize("preset", SWIN_PRESETS)
+def test_preset_matches_original_keys_and_parameter_count(preset, reference_dir):
+    keys = json.loads((reference_dir / "full_size_keys" / f"{preset.replace('-', '_')}.json").read_text())
+    config = EsViTConfig.from_preset(preset)
+    assert [config.image_size] * 2 == keys["train_image_size"]
+    with torch.device("meta"):
+        encoder = SwinEncoder(config)
+    num_params = sum(p.numel() for p in encoder.parameters())
+    assert num_params == keys["backbone_num_params"], f"{preset}: {num_params} != {keys['backbone_num_params']}"
+
+    original_shapes = keys["backbone_state_dict"]["shapes"]
+    original = {k: torch.empty(shape, device="meta") for k, shape in original_shapes.items()}
+    converted = original_swin_to_esvit(original)
+    derived = [k for k in original if is_derived_buffer(k)]
+    assert set(derived) == set(keys["backbone_state_dict"]["buffers"])
+    assert len(converted) + len(derived) == len(original)  # nothing collapsed onto one key
+
+    ours = {f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()}
+    assert set(converted) == set(ours)
+    mismatched = {k: (tuple(v.shape), ours[k]) for k, v in converted.items() if tuple(v.shape) != ours[k]}
+    assert not mismatched, f"{preset}: shape mismatches {mismatched}"
+
+
+def test_issue_parameter_counts():
+    expected_millions = {
+        "swin-tiny-w7": 27.52,
+        "swin-small-w7": 48.84,
+        "swin-base-w7": 86.74,
+        "swin-tiny-w14": 27.57,
+        "swin-small-w14": 48.97,
+        "swin-base-w14": 86.92,
+    }
+    for preset, millions in expected_millions.items():
+        with torch.device("meta"):
+            encoder = SwinEncoder(EsViTConfig.from_preset(preset))
+        assert round(sum(p.numel() for p in encoder.parameters()) / 1e6, 2) == millions, preset
+
+
+# ------------------------------------------------------------------------------- converter
+def test_converter_rejects_heads_prefixes_and_unknown_keys():
+    weight = torch.zeros(1)
+    good = {"norm.weight": weight, "layers.0.blocks.1.attn.relative_position_index": weight}
+    assert list(original_swin_to_esvit(good)) == ["encoder.norm.weight"]
+    with pytest.raises(ValueError, match="head keys"):
+        original_swin_to_esvit({**good, "head_dense.mlp.0.weight": weight})
+    with pytest.raises(ValueError, match="strip 'module.'"):
+        original_swin_to_esvit({"module.norm.weight": weight})
+    with pytest.raises(ValueError, match="layers.0.blocks.0.attn.rel_pos"):
+        original_swin_to_esvit({**good, "layers.0.blocks.0.attn.rel_pos": weight})
+
+
+# ------------------------------------------------------------------------ attention paths
+@pytest.fixture(scope="module")
+def random_encoder() -> SwinEncoder:
+    torch.manual_seed(0)
+    encoder = SwinEncoder(tiny_config(7))
+    with torch.no_grad():  # non-trivial norms and biases so every parameter matters
+        for name, p in encoder.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return encoder.eval()
+
+
+@pytest.mark.parametrize("size", [(224, 224), (96, 96), (100, 100), (112, 80)])
+def test_sdpa_matches_eager(random_encoder, size):
+    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sdpa = random_encoder(pixels, output_hidden_states=True, output_block_features=True)
+        eager = random_encoder(
+            pixels, output_hidden_states=True, output_block_features=True, attn_implementation="eager"
+        )
+    assert sdpa.attentions is None
+    torch.testing.assert_close(sdpa.last_hidden_state, eager.last_hidden_state, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(sdpa.pooler_output, eager.pooler_output, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(sdpa.block_features, eager.block_features, atol=ATOL, rtol=RTOL)
+    # Odd maps are padded by patch merging: 100 px -> 25, 13, 7, 4 tokens per side.
+    h, w = size[0] // 4, size[1] // 4
+    shapes = []
+    for _ in range(4):
+        shapes.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    assert sdpa.stage_spatial_shapes == tuple(shapes)
+    assert [s.shape[1] for s in sdpa.stage_outputs] == [a * b for a, b in shapes]
+    assert sdpa.last_hidden_state.shape == (2, shapes[-1][0] * shapes[-1][1], 64)
+
+
+def test_eager_returns_attention_probabilities(random_encoder):
+    with torch.no_grad():
+        out = random_encoder(torch.randn(1, 3, 96, 96), output_attentions=True)
+    assert len(out.attentions) == 8
+    # 96 px, W7: stage maps 24, 12, 6, 3 are padded to 28, 14, 7, 7 -> 16, 4, 1, 1 windows.
+    windows = [16, 16, 4, 4, 1, 1, 1, 1]
+    heads = [1, 1, 2, 2, 2, 2, 4, 4]
+    for probs, n_windows, n_heads in zip(out.attentions, windows, heads):
+        assert probs.shape == (n_windows, n_heads, 49, 49)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(n_windows, n_heads, 49))
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    from esvit.modeling_esvit import EsViTModel
+
+    torch.manual_seed(0)
+    model = EsViTModel(tiny_config(7)).train()
+    pixels = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    target = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(3))
+    calls = []
+    for stage in model.encoder.layers:
+        for block in stage.blocks:
+            block.attn.register_forward_hook(lambda *_: calls.append(1))
+
+    def gradients() -> tuple[dict[str, torch.Tensor], int]:
+        model.zero_grad()
+        calls.clear()
+        (model(pixels).last_hidden_state * target).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = gradients()
+    model.activation_checkpointing_enable()
+    assert all(b.gradient_checkpointing for s in model.encoder.layers for b in s.blocks)
+    checkpointed, checkpointed_calls = gradients()
+    assert checkpointed_calls == 2 * plain_calls == 16  # every block ran again in backward
+    assert all(g.abs().sum() > 0 for g in plain.values())
+    torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_relative_position_bias_gets_the_same_gradient_through_sdpa(random_encoder):
+    pixels = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(4))
+    target = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for impl in ("sdpa", "eager"):
+        random_encoder.zero_grad()
+        (random_encoder(pixels, attn_implementation=impl).last_hidden_state * target).sum().backward()
+        grads[impl] = {n: p.grad.clone() for n, p in random_encoder.named_parameters() if "bias_table" in n}
+    random_encoder.zero_grad()
+    torch.testing.assert_close(grads["sdpa"], grads["eager"], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- masks
+def test_shift_masks_are_cached_per_padded_size(random_encoder):
+    shifted = [b for s in random_encoder.layers for b in s.blocks if b.shift_size > 0]
+    unshifted = [b for s in random_encoder.layers for b in s.blocks if b.shift_size == 0]
+    assert len(shifted) == 3  # stage 4 of W7 never shifts
+    for block in shifted:
+        block.shift_mask_cache.clear()
+    with torch.no_grad():
+        random_encoder(torch.randn(1, 3, 96, 96))
+        first = [dict(b.shift_mask_cache) for b in shifted]
+        random_encoder(torch.randn(2, 3, 96, 96))
+    for block, before in zip(shifted, first):
+        assert len(block.shift_mask_cache) == 1
+        (key, mask), = block.shift_mask_cache.items()
+        assert before[key] is mask  # reused, not rebuilt
+    assert [k[:2] for b in shifted for k in b.shift_mask_cache] == [(28, 28), (14, 14), (7, 7)]
+    with torch.no_grad():
+        random_encoder(torch.randn(1, 3, 224, 224))
+    assert [len(b.shift_mask_cache) for b in shifted] == [2, 2, 2]
+    assert all(not b.shift_mask_cache for b in unshifted)
+
+
+@pytest.mark.parametrize("height,width,window,shift", [(28, 28, 7, 3), (7, 7, 7, 3), (14, 28, 14, 7)])
+def test_shift_mask_matches_region_construction(height, width, window, shift):
+    # Independent construction: label the nine strips of the shifted map, then compare labels.
+    labels = torch.zeros(height, width)
+    strips_h = (slice(0, height - window), slice(height - window, height - shift), slice(height - shift, height))
+    strips_w = (slice(0, width - window), slice(width - window, width - shift), slice(width - shift, width))
+    for i, rows in enumerate(strips_h):
+        for j, cols in enumerate(strips_w):
+            labels[rows, cols] = 3 * i + j
+    windows = window_partition(labels[None, :, :, None], window)[0, :, :, 0]  # [nW, N]
+    expected = (windows[:, None, :] != windows[:, :, None]).float() * -100.0
+    torch.testing.assert_close(shift_window_mask(height, width, window, shift), expected, atol=0, rtol=0)
+
+
+def test_window_partition_round_trip():
+    x = torch.randn(2, 14, 21, 5)
+    windows = window_partition(x, 7)
+    assert windows.shape == (2, 6, 49, 5)
+    torch.testing.assert_close(windows[0, 1].view(7, 7, 5), x[0, :7, 7:14])  # row-major window order
+    torch.testing.assert_close(window_merge(windows, 7, 14, 21), x, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------ position embedding
+def test_absolute_position_embedding():
+    config = tiny_config(7, use_absolute_embeddings=True)
+    torch.manual_seed(0)
+    encoder = SwinEncoder(config).eval()
+    assert encoder.absolute_pos_embed.shape == (1, 56 * 56, 8)
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        with_ape = encoder(pixels, output_hidden_states=True).embedding_output
+        encoder.absolute_pos_embed.zero_()
+        without = encoder(pixels, output_hidden_states=True).embedding_output
+        encoder.absolute_pos_embed.fill_(0.5)
+        shifted = encoder(pixels, output_hidden_states=True).embedding_output
+        assert encoder(torch.randn(1, 3, 96, 96)).last_hidden_state.shape == (1, 9, 64)  # resized, not rejected
+    assert not torch.allclose(with_ape, without)
+    torch.testing.assert_close(shifted, without + 0.5)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        encoder(torch.randn(1, 1, 96, 96))
+
+
+# ------------------------------------------------------------------------------- save/load
+def test_save_and_reload_rebuilds_derived_buffers(tmp_path):
+    from esvit.modeling_esvit import EsViTModel
+
+    torch.manual_seed(0)
+    model = EsViTModel(tiny_config(7)).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = EsViTModel.from_pretrained(tmp_path).eval()
+    for (name, a), (_, b) in zip(model.named_buffers(), reloaded.named_buffers()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    pixels = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).last_hidden_state, model(pixels).last_hidden_state)
