@@ -25,7 +25,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -137,7 +136,9 @@ class PretrainingArguments:
         default=None,
         metadata={"help": "Optimizer steps to train (needed for streams). Schedules then span exactly these steps."},
     )
-    learning_rate: float = field(default=5e-4, metadata={"help": "Peak lr for a global batch of 256 (scaled linearly)."})
+    learning_rate: float = field(
+        default=5e-4, metadata={"help": "Peak lr for a global batch of 256 (scaled linearly)."}
+    )
     min_lr: float = 1e-6
     warmup_epochs: float = 10
     warmup_steps: int | None = field(default=None, metadata={"help": "Overrides warmup_epochs."})
@@ -155,7 +156,8 @@ class PretrainingArguments:
     freeze_last_layer_epochs: float = 1
     freeze_last_layer_steps: int | None = field(default=None, metadata={"help": "Overrides the epochs value."})
     mixed_precision: str | None = field(
-        default=None, metadata={"help": "no, fp16 or bf16 (default: accelerate's launch config).", "choices": ["no", "fp16", "bf16"]}
+        default=None,
+        metadata={"help": "no, fp16 or bf16 (default: accelerate's launch config).", "choices": ["no", "fp16", "bf16"]},
     )
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile student and teacher (inductor)."})
     cpu: bool = field(default=False, metadata={"help": "Train on CPU even if a GPU is present."})
@@ -476,11 +478,14 @@ def model_card(info: dict, with_heads: bool) -> str:
     load = (
         "from esvit import EsViTForPreTraining\nmodel = EsViTForPreTraining.from_pretrained(folder)"
         if with_heads
-        else "from transformers import AutoModel\nmodel = AutoModel.from_pretrained(folder)  # trust_remote_code=True without esvit installed"
+        else "from transformers import AutoModel\n"
+        "model = AutoModel.from_pretrained(folder)  # without esvit installed: trust_remote_code=True"
     )
+    levels = "view level (DINO) and region level" if info["region"] else "view level (DINO)"
     hparams = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(info["hyperparameters"].items()))
     loss = info.get("final_metrics") or {}
     loss_text = ", ".join(f"{k} {v:.4f}" for k, v in loss.items() if isinstance(v, float)) or "not logged"
+    epochs = f"{info['global_step'] / info['steps_per_epoch']:.2f} epochs" if info["steps_per_epoch"] else "a stream"
     tags = "\n".join(f"- {t}" for t in ("esvit", "self-supervised-learning", "image-feature-extraction", "vision"))
     return f"""---
 library_name: transformers
@@ -493,7 +498,7 @@ pipeline_tag: image-feature-extraction
 
 This folder holds {what}, trained with EsViT (Li et al., "Efficient Self-supervised Vision
 Transformers for Representation Learning", ICLR 2022, arXiv:2106.09785): self-distillation of a
-student into an exponential-moving-average teacher at the view level (DINO){' and the region level' if info['region'] else ''}.
+student into an exponential-moving-average teacher at the {levels}.
 The weights are the teacher's.
 
 ## Architecture
@@ -507,8 +512,9 @@ The weights are the teacher's.
 ## Training
 
 - data: {info['data']}
-- {info['global_step']} optimizer steps ({info['epochs']:.2f} epochs), global batch {info['global_batch_size']}
-  ({info['num_processes']} process(es) x {info['per_device_batch_size']} x {info['gradient_accumulation_steps']} accumulation)
+- {info['global_step']} optimizer steps ({epochs}), global batch {info['global_batch_size']} =
+  {info['num_processes']} process(es) x {info['per_device_batch_size']} images
+  x {info['gradient_accumulation_steps']} accumulation step(s)
 - tasks: view-level{' + region-level matching' if info['region'] else ' only (DINO)'}
 - final training metrics (mean of the last logging window): {loss_text}
 - {info['images_seen']} images trained on, {info['skipped_images']} skipped as undecodable
@@ -595,13 +601,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
         if not accelerator.is_local_main_process:
             datasets.utils.logging.set_verbosity_error()
             transformers.utils.logging.set_verbosity_error()
-        if accelerator.is_main_process and not args.resume_from_checkpoint and list_checkpoints(checkpoint_root):
+        if not args.resume_from_checkpoint and list_checkpoints(checkpoint_root):
             if not args.overwrite_output_dir:
                 raise FileExistsError(
                     f"{checkpoint_root} holds checkpoints of an earlier run: pass --resume_from_checkpoint latest "
                     "to continue it, --overwrite_output_dir to start over, or another --output_dir."
                 )
-            shutil.rmtree(checkpoint_root)
+            accelerator.wait_for_everyone()  # every process has looked before the folder goes
+            if accelerator.is_main_process:
+                shutil.rmtree(checkpoint_root)
         accelerator.wait_for_everyone()
         set_seed(args.seed)
         logger.info(f"Recipe: {args.recipe or 'none'}; data: {data_args.describe_source()}")
@@ -624,9 +632,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
         if batches_per_epoch is None:  # a stream: use the split size if the dataset card gives it
             split_info = (dataset.info.splits or {}).get(data_args.dataset_split) if dataset.info else None
             if split_info is not None and split_info.num_examples:
-                batches_per_epoch = split_info.num_examples // (
-                    args.per_device_train_batch_size * accelerator.num_processes
-                )
+                num_examples = min(split_info.num_examples, data_args.max_train_samples or split_info.num_examples)
+                batches_per_epoch = num_examples // (args.per_device_train_batch_size * accelerator.num_processes)
         steps_per_epoch = (
             math.ceil(batches_per_epoch / args.gradient_accumulation_steps) if batches_per_epoch else None
         )
@@ -670,7 +677,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
         ).to(accelerator.device)
         if model_args.init_from and (Path(model_args.init_from) / LOSS_STATE_FILE).is_file():
             loss_fn.load_state_dict(load_file(str(Path(model_args.init_from) / LOSS_STATE_FILE)))
-            loss_fn.to(accelerator.device)
         centers = StepCenters(loss_fn, args.gradient_accumulation_steps)
 
         # ============ optimizer ... ============
@@ -748,24 +754,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
         )
 
         # ============ training loop ... ============
-        def _card_info() -> dict:
-            return {
-                "config": config.to_dict(),
-                "preset": "from " + model_args.init_from if model_args.init_from else model_args.model_preset,
-                "region": model_args.use_region_loss,
-                "num_parameters": sum(p.numel() for p in teacher.esvit.parameters()),
-                "data": data_args.describe_source(),
-                "global_step": progress.global_step,
-                "epochs": progress.global_step / steps_per_epoch if steps_per_epoch else float("nan"),
-                "global_batch_size": global_batch,
-                "num_processes": accelerator.num_processes,
-                "per_device_batch_size": args.per_device_train_batch_size,
-                "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "images_seen": totals["images_seen"],
-                "skipped_images": totals["skipped_images"],
-                "hyperparameters": _tracker_config(model_args, data_args, args),
-            }
-
+        card = {  # the run's description for the model cards; progress fields are updated when saving
+            "config": config.to_dict(),
+            "preset": f"initialised from {model_args.init_from}" if model_args.init_from else model_args.model_preset,
+            "region": model_args.use_region_loss,
+            "num_parameters": sum(p.numel() for p in teacher.esvit.parameters()),
+            "data": data_args.describe_source(),
+            "steps_per_epoch": steps_per_epoch,
+            "global_batch_size": global_batch,
+            "num_processes": accelerator.num_processes,
+            "per_device_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "hyperparameters": _tracker_config(model_args, data_args, args),
+        }
         window = MetricWindow(accelerator.device)
         monitor = CollapseMonitor(config.head_out_dim, args.collapse_patience_steps)
         final_metrics: dict[str, float] = {}
@@ -782,8 +783,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
         )
         start_time = time.perf_counter()
         while progress.global_step < total_steps:
-            batches_this_epoch = 0
-            for batch in loader.epoch(position.epoch, skip_batches=position.batches_done, accelerator=accelerator):
+            skipped_batches, batches_this_epoch = position.batches_done, 0
+            for batch in loader.epoch(position.epoch, skip_batches=skipped_batches, accelerator=accelerator):
                 crops = batch["crops"]
                 if not crops:
                     raise RuntimeError(
@@ -837,7 +838,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
                         "weight_decay": float(schedules.weight_decay[step]),
                         "teacher_momentum": float(schedules.teacher_momentum[step]),
                         "teacher_temp": float(schedules.teacher_temp[step]),
-                        "epoch": position.epoch + (position.batches_done / batches_per_epoch if batches_per_epoch else 0.0),
+                        "epoch": position.epoch + position.batches_done / (batches_per_epoch or math.inf),
                         "images_seen": totals["images_seen"],
                         "skipped_images": totals["skipped_images"],
                     }
@@ -858,12 +859,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
                     )
                     last_saved = progress.global_step
                     if args.save_models_at_checkpoints and accelerator.is_main_process:
-                        save_teacher(teacher, loss_fn, folder, config, {**_card_info(), "final_metrics": final_metrics})
+                        card.update(totals, global_step=progress.global_step, final_metrics=final_metrics)
+                        save_teacher(teacher, loss_fn, folder, config, card)
                 if done:
                     break
             else:  # the epoch is exhausted
-                if batches_this_epoch == 0:
-                    raise RuntimeError(f"epoch {position.epoch} yielded no batch on process {accelerator.process_index}.")
+                if batches_this_epoch == 0 and skipped_batches == 0:
+                    rank = accelerator.process_index
+                    raise RuntimeError(f"epoch {position.epoch} yielded no batch on process {rank}.")
                 position.epoch += 1
                 position.batches_done = 0
         progress_bar.close()
@@ -897,7 +900,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
             "pretraining_dir": str(output_dir / "pretraining"),
         }
         if accelerator.is_main_process:
-            save_teacher(teacher, loss_fn, output_dir, config, {**_card_info(), "final_metrics": final_metrics})
+            card.update(totals, global_step=progress.global_step, final_metrics=final_metrics)
+            save_teacher(teacher, loss_fn, output_dir, config, card)
             if args.push_to_hub:
                 summary["hub_url"] = push_outputs(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
             (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

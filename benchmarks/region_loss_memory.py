@@ -11,8 +11,13 @@ resident set size (`ru_maxrss`) over its size once the inputs exist, i.e. the lo
 memory for forward + backward, including the `[*, K]` gradient of the student region logits.
 On CUDA it is `max_memory_allocated` over the allocation after the inputs.
 
-    python benchmarks/region_loss_memory.py                     # K=65536, B=32, 2+8 crops, 49/9 regions
+Run from the repository root with the package installed (`pip install -e .`) or `PYTHONPATH=.`:
+
+    OMP_NUM_THREADS=1 python benchmarks/region_loss_memory.py   # K=65536, B=32, 2+8 crops, 49/9 regions
     python benchmarks/region_loss_memory.py --batch 8 --device cuda
+
+On a CPU shared with other jobs, one thread gives repeatable timings (idle OpenMP threads spin
+while a busy core is taken away, which inflates the chunked variant's many small kernels).
 """
 
 from __future__ import annotations
@@ -139,7 +144,8 @@ def main() -> None:
         print(json.dumps(run_variant(args)))
         return
 
-    logits_gib = args.batch * (args.global_tokens * args.global_crops + args.local_tokens * args.local_crops) * args.out_dim * 4 / 2**30
+    rows = args.batch * (args.global_tokens * args.global_crops + args.local_tokens * args.local_crops)
+    logits_gib = rows * args.out_dim * 4 / 2**30
     print(
         f"B={args.batch} K={args.out_dim} crops={args.global_crops}+{args.local_crops} "
         f"regions={args.global_tokens}/{args.local_tokens} device={args.device} torch={torch.__version__} "

@@ -149,7 +149,13 @@ class MultiCropAugmentation:
             [crop(global_crop_size, global_crops_scale), *photometric, blur_g1, *to_tensor]
         )
         self.global_transform_2 = transforms.Compose(
-            [crop(global_crop_size, global_crops_scale), *photometric, blur_g2, RandomSolarize(solarize_prob), *to_tensor]
+            [
+                crop(global_crop_size, global_crops_scale),
+                *photometric,
+                blur_g2,
+                RandomSolarize(solarize_prob),
+                *to_tensor,
+            ]
         )
         self.local_transforms = [
             transforms.Compose([crop(size, local_crops_scale), *photometric, blur_local, *to_tensor]) for size in sizes
@@ -182,11 +188,17 @@ class MultiCropAugmentation:
         if seed is None:
             return self._crops(image)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # Seed only the CPU generator: `torch.manual_seed` also visits the accelerator
+            # generators, which costs milliseconds per call (once per image here).
+            torch.random.default_generator.manual_seed(seed)
             return self._crops(image)
 
     def __repr__(self) -> str:
-        lines = [f"{type(self).__name__}(", f"  global_1={self.global_transform_1},", f"  global_2={self.global_transform_2},"]
+        lines = [
+            f"{type(self).__name__}(",
+            f"  global_1={self.global_transform_1},",
+            f"  global_2={self.global_transform_2},",
+        ]
         for count, transform in zip(self.local_crops_number, self.local_transforms):
             lines.append(f"  {count} x local={transform},")
         return "\n".join(lines) + "\n)"

@@ -68,7 +68,7 @@ class DataArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub dataset id (e.g. 'ILSVRC/imagenet-1k') or a `datasets` builder name."},
+        metadata={"help": "Hub dataset id (e.g. 'ILSVRC/imagenet-1k') or a local dataset folder `load_dataset` reads."},
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -163,7 +163,7 @@ def load_pretraining_images(args: DataArguments) -> datasets.Dataset | datasets.
 
 
 def _load_split(args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
-    common = dict(split=args.dataset_split, streaming=args.streaming, cache_dir=args.dataset_cache_dir)
+    common = dict(streaming=args.streaming, cache_dir=args.dataset_cache_dir)
     if args.dataset_from_disk:
         loaded = datasets.load_from_disk(args.dataset_from_disk)
         if isinstance(loaded, datasets.DatasetDict):
@@ -172,19 +172,20 @@ def _load_split(args: DataArguments) -> datasets.Dataset | datasets.IterableData
                     f"split {args.dataset_split!r} not in {args.dataset_from_disk}; it has {list(loaded)}."
                 )
             loaded = loaded[args.dataset_split]
-        # One shard per worker-sized piece keeps DataLoader workers busy when streaming.
+        # Several shards, so that a stream can feed several DataLoader workers and processes.
         return loaded.to_iterable_dataset(num_shards=max(1, min(64, len(loaded)))) if args.streaming else loaded
+    if args.dataset_name:
+        return datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split, **common)
+    # Local files: `datasets` puts them in one split named "train".
     if args.train_dir:
         if not os.path.isdir(args.train_dir):
             raise FileNotFoundError(f"--train_dir {args.train_dir!r} is not a folder.")
-        # imagefolder names its split "train" whatever the folder holds.
-        return datasets.load_dataset("imagefolder", data_dir=args.train_dir, **{**common, "split": "train"})
-    if args.train_files:
-        builder = _builder_for_files(args.train_files)
-        return datasets.load_dataset(builder, data_files={"train": list(args.train_files)}, **{**common, "split": "train"})
-    if args.dataset_name:
-        return datasets.load_dataset(args.dataset_name, args.dataset_config_name, **common)
-    return datasets.load_dataset("parquet", data_files={"train": str(EMBEDDED_DATASET)}, **{**common, "split": "train"})
+        builder, source = "imagefolder", dict(data_dir=args.train_dir)
+    elif args.train_files:
+        builder, source = _builder_for_files(args.train_files), dict(data_files={"train": list(args.train_files)})
+    else:
+        builder, source = "parquet", dict(data_files={"train": str(EMBEDDED_DATASET)})
+    return datasets.load_dataset(builder, split="train", **source, **common)
 
 
 def _builder_for_files(files: Sequence[str]) -> str:
@@ -413,7 +414,7 @@ def build_pretraining_loader(
         dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
         workers = min(num_workers, dataset.num_shards)
         if workers < num_workers:
-            logger.info("Streaming: %d DataLoader workers (the stream has %d shards here).", workers, dataset.num_shards)
+            logger.info("Streaming with %d DataLoader workers: %d shards here.", workers, dataset.num_shards)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,

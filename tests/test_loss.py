@@ -9,9 +9,6 @@ fixture cannot: gradients, any number of crop resolutions, other chunk sizes.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import tempfile
 from types import SimpleNamespace
 
 import pytest
@@ -233,7 +230,8 @@ def test_bad_inputs_are_rejected_with_a_reason():
     no_regions = SimpleNamespace(view_logits=student.view_logits, region_logits=None, region_features=None)
     with pytest.raises(ValueError, match="use_region_loss=False"):
         EsViTLoss(16)(no_regions, teacher, teacher_temp=0.04)
-    bad_features = SimpleNamespace(**{**vars(student), "region_features": tuple(f[:, :1] for f in student.region_features)})
+    truncated = tuple(f[:, :1] for f in student.region_features)
+    bad_features = SimpleNamespace(**{**vars(student), "region_features": truncated})
     with pytest.raises(ValueError, match="region_features"):
         EsViTLoss(16)(bad_features, teacher, teacher_temp=0.04)
 
@@ -256,14 +254,18 @@ def _two_process_worker(rank: int, init_file: str, result_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         # Rank 1 has a smaller batch: the centre must be the mean over all rows of both processes.
-        student, teacher = random_outputs(batch=2 + rank, tokens=[4, 4, 1], out_dim=8, feat_dim=4, seed=rank, grad=False)
+        student, teacher = random_outputs(
+            batch=2 + rank, tokens=[4, 4, 1], out_dim=8, feat_dim=4, seed=rank, grad=False
+        )
         loss_fn = EsViTLoss(8)
         loss_fn(student, teacher, teacher_temp=0.04)
-        torch.save({"view": loss_fn.view_center, "region": loss_fn.region_center, "teacher": teacher}, f"{result_file}.{rank}")
+        result = {"view": loss_fn.view_center, "region": loss_fn.region_center, "teacher": teacher}
+        torch.save(result, f"{result_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_centres_are_averaged_over_processes(tmp_path):
     init_file, result_file = str(tmp_path / "init"), str(tmp_path / "result")
     mp.spawn(_two_process_worker, args=(init_file, result_file), nprocs=2, join=True)
@@ -320,3 +322,49 @@ def test_end_to_end_tiny_swin_matches_original(reference_dir, reference_manifest
     for ours, theirs in (("view_center", "center_after"), ("region_center", "center_grid_after")):
         print(f"e2e {ours}: max abs diff {(getattr(loss_fn, ours) - centers[theirs]).abs().max().item():.2e}")
         torch.testing.assert_close(getattr(loss_fn, ours), centers[theirs], rtol=1e-5, atol=1e-6)
+
+
+def test_one_training_step_moves_the_student_and_the_teacher():
+    """Loss, param groups, clipping, last-layer freezing and the EMA together on a tiny model."""
+    from esvit.configuration_esvit import EsViTConfig
+    from esvit.modeling_esvit import EsViTForPreTraining
+    from esvit.optim import cancel_last_layer_gradients, clip_gradients, get_param_groups, update_teacher
+
+    torch.manual_seed(0)
+    config = EsViTConfig(
+        backbone_type="swin",
+        hidden_sizes=(8, 16, 32, 64),
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 2, 2, 4),
+        patch_sizes=(4, 2, 2, 2),
+        window_size=7,
+        drop_path_rate=0.0,
+        head_out_dim=32,
+        head_hidden_dim=16,
+        head_bottleneck_dim=8,
+        head_norm_last_layer=False,
+    )
+    student, teacher = EsViTForPreTraining(config), EsViTForPreTraining(config)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    crops = [torch.randn(2, 3, 224, 224), torch.randn(2, 3, 224, 224), torch.randn(2, 3, 96, 96)]
+    loss_fn = EsViTLoss(32)
+    optimizer = torch.optim.AdamW(get_param_groups(student), lr=1e-3)
+    with torch.no_grad():
+        teacher_out = teacher(crops[:2])
+    out = loss_fn(student(crops), teacher_out, teacher_temp=0.04)
+    out.loss.backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    clip_gradients(student, 3.0)
+    cancel_last_layer_gradients(student, step=0, freeze_last_layer_steps=1)
+    last_layer_before = student.head.last_layer.weight_v.clone()
+    backbone_before = student.esvit.encoder.patch_embed.proj.weight.clone()
+    optimizer.step()
+    assert torch.equal(student.head.last_layer.weight_v, last_layer_before)  # frozen during step 0
+    assert not torch.equal(student.esvit.encoder.patch_embed.proj.weight, backbone_before)
+    update_teacher(student, teacher, momentum=0.9)
+    torch.testing.assert_close(
+        teacher.esvit.encoder.patch_embed.proj.weight,
+        0.9 * backbone_before + 0.1 * student.esvit.encoder.patch_embed.proj.weight,
+    )
+    assert torch.isfinite(out.loss) and 0 < out.teacher_view_entropy <= torch.log(torch.tensor(32.0)) + 1e-4

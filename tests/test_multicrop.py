@@ -9,7 +9,9 @@ from PIL import Image
 
 from esvit.multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation
 
-NO_PHOTOMETRY = dict(flip_prob=0.0, color_jitter_prob=0.0, grayscale_prob=0.0, blur_probs=(0.0, 0.0, 0.0), solarize_prob=0.0)
+NO_PHOTOMETRY = dict(
+    flip_prob=0.0, color_jitter_prob=0.0, grayscale_prob=0.0, blur_probs=(0.0, 0.0, 0.0), solarize_prob=0.0
+)
 
 
 def noise_image(size: int = 48, seed: int = 0) -> Image.Image:
@@ -51,7 +53,9 @@ def test_seed_makes_crops_reproducible_and_leaves_global_rng_alone():
 
 def test_normalisation_and_solarisation_of_the_second_global_crop_only():
     # A constant image makes every geometric choice irrelevant; only solarisation changes a value.
-    aug = MultiCropAugmentation(global_crop_size=8, local_crop_size=4, local_crops_number=1, **{**NO_PHOTOMETRY, "solarize_prob": 1.0})
+    aug = MultiCropAugmentation(
+        global_crop_size=8, local_crop_size=4, local_crops_number=1, **{**NO_PHOTOMETRY, "solarize_prob": 1.0}
+    )
     g1, g2, local = aug(Image.new("RGB", (20, 20), (200, 200, 200)), seed=0)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     torch.testing.assert_close(g1, ((200 / 255 - mean) / std).expand_as(g1))
@@ -61,16 +65,23 @@ def test_normalisation_and_solarisation_of_the_second_global_crop_only():
 
 def test_blur_probabilities_apply_per_crop_kind():
     image = noise_image(16)
-    only_first = MultiCropAugmentation(global_crop_size=16, global_crops_scale=(1.0, 1.0), local_crop_size=16,
-                                       local_crops_scale=(1.0, 1.0), local_crops_number=1,
-                                       **{**NO_PHOTOMETRY, "blur_probs": (1.0, 0.0, 0.0)})
+    only_first = MultiCropAugmentation(
+        global_crop_size=16,
+        global_crops_scale=(1.0, 1.0),
+        local_crop_size=16,
+        local_crops_scale=(1.0, 1.0),
+        local_crops_number=1,
+        **{**NO_PHOTOMETRY, "blur_probs": (1.0, 0.0, 0.0)},
+    )
     g1, g2, local = only_first(image, seed=0)
     assert torch.equal(g2, local)  # full-image crops without any photometric change
     assert g1.std() < g2.std()  # the blurred one is smoother
 
 
 def test_greyscale_input_becomes_three_channels_and_bad_arguments_fail():
-    aug = MultiCropAugmentation(global_crop_size=16, local_crop_size=8, local_crops_number=1, blur_probs=(0.0, 0.0, 0.0))
+    aug = MultiCropAugmentation(
+        global_crop_size=16, local_crop_size=8, local_crops_number=1, blur_probs=(0.0, 0.0, 0.0)
+    )
     crops = aug(Image.new("L", (28, 28), 90), seed=0)
     assert all(c.shape[0] == 3 for c in crops)
     with pytest.raises(TypeError, match="PIL image"):

@@ -98,9 +98,9 @@ def run_script(args: list[str], hf_home: Path, processes: int = 1, timeout: int 
     return json.loads((output_dir / "train_summary.json").read_text())
 
 
-def tiny_run_args(data: Path, output_dir: Path, **changes) -> list[str]:
+def tiny_run_args(data: Path | list[str], output_dir: Path, **changes) -> list[str]:
     values = {
-        "train_files": str(data),
+        "train_files": [str(f) for f in data] if isinstance(data, list) else str(data),
         "output_dir": str(output_dir),
         "model_preset": "swin-micro",
         "config_overrides": '{"image_size": 64, "window_size": 4, "drop_path_rate": 0.0}',
@@ -137,7 +137,8 @@ def tiny_run_args(data: Path, output_dir: Path, **changes) -> list[str]:
 def teacher_state(output_dir: Path) -> dict[str, torch.Tensor]:
     """Final teacher weights (backbone + heads) and loss centres of a run."""
     state = load_file(str(output_dir / "pretraining" / "model.safetensors"))
-    state.update({f"loss.{k}": v for k, v in load_file(str(output_dir / "pretraining" / "esvit_loss.safetensors")).items()})
+    centres = load_file(str(output_dir / "pretraining" / "esvit_loss.safetensors"))
+    state.update({f"loss.{k}": v for k, v in centres.items()})
     return state
 
 
@@ -157,10 +158,10 @@ def keys_by_step(output_dir: Path, rank: int) -> dict[int, list[int]]:
 
 @pytest.fixture(scope="module")
 def reference_run(small_parquet, hf_home, tmp_path_factory) -> Path:
-    """1 process, batch 4, 6 steps, checkpoints every 2 steps (keep 2)."""
+    """1 process, batch 4, 6 steps (5 per epoch), a checkpoint after every step (the last 3 kept)."""
     output_dir = tmp_path_factory.mktemp("reference")
     summary = run_script(
-        tiny_run_args(small_parquet, output_dir, checkpointing_steps="2", checkpoints_total_limit="2"), hf_home
+        tiny_run_args(small_parquet, output_dir, checkpointing_steps="1", checkpoints_total_limit="3"), hf_home
     )
     assert summary["num_processes"] == 1 and summary["global_step"] == 6
     return output_dir
@@ -209,18 +210,20 @@ def test_streaming_and_map_style_feed_the_same_crops(small_parquet):
     assert not torch.equal(next_epoch[key][0], from_map[key][0])
 
 
-@pytest.mark.parametrize("num_files", [1, 2])
-def test_stream_split_by_node_is_disjoint_and_complete(small_parquet, tmp_path, num_files):
-    """Each of 2 processes reads its own images; together they read all (examples and shards)."""
+@pytest.mark.parametrize("source", ["one arrow file", "two arrow files", "save_to_disk folder"])
+def test_stream_split_by_node_is_disjoint_and_complete(small_parquet, tmp_path, source):
+    """Each of 2 processes reads its own images, together all of them ("examples" and "shards"
+    strategies of `split_dataset_by_node`). Arrow sources also avoid the 5-s pause that `datasets`
+    makes when a streamed parquet file closes."""
     table = datasets.load_dataset("parquet", data_files=str(small_parquet), split="train")
-    files = []
-    for i in range(num_files):
-        path = tmp_path / f"part{i}.parquet"
-        table.shard(num_files, i, contiguous=True).to_parquet(str(path))
-        files.append(str(path))
+    table.save_to_disk(str(tmp_path / "saved"), num_shards=2 if source == "two arrow files" else 1)
+    if source == "save_to_disk folder":
+        data_source = dict(dataset_from_disk=str(tmp_path / "saved"))
+    else:
+        data_source = dict(train_files=sorted(str(p) for p in (tmp_path / "saved").glob("*.arrow")))
     seen = []
     for rank in range(2):
-        stream = load_pretraining_images(DataArguments(train_files=files, streaming=True, **TINY_AUG))
+        stream = load_pretraining_images(DataArguments(**data_source, streaming=True, **TINY_AUG))
         fake = SimpleNamespace(process_index=rank, num_processes=2, device=torch.device("cpu"))
         seen.append(set(_crops_by_key(_loader(stream, batch_size=1, accelerator=fake))))
     assert not seen[0] & seen[1]
@@ -317,6 +320,31 @@ def test_every_recipe_parses():
         assert model.build_config().num_stages == 4
 
 
+def test_collapse_monitor_warns_once_when_the_entropy_stays_at_an_extreme(caplog):
+    from accelerate import PartialState
+
+    PartialState()  # the script's accelerate logger needs an initialised state
+    script = _import_script()
+    log_k = torch.log(torch.tensor(1024.0)).item()
+    monitor = script.CollapseMonitor(out_dim=1024, patience_steps=30)
+    with caplog.at_level(logging.WARNING):
+        for step in range(1, 4):  # healthy entropy: never a warning
+            monitor.update(0.5 * log_k, steps=10, global_step=10 * step)
+        assert "collapse" not in caplog.text
+        monitor.update(0.999 * log_k, steps=10, global_step=40)
+        monitor.update(0.999 * log_k, steps=10, global_step=50)
+        assert "collapse" not in caplog.text  # 20 steps < patience
+        monitor.update(0.999 * log_k, steps=10, global_step=60)
+        monitor.update(0.999 * log_k, steps=10, global_step=70)
+    assert caplog.text.count("Possible collapse") == 1 and "near log K" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        monitor.update(0.5 * log_k, steps=10, global_step=80)  # recovery re-arms the warning
+        for step in range(9, 12):
+            monitor.update(0.001, steps=10, global_step=10 * step)
+    assert caplog.text.count("Possible collapse") == 1 and "near 0" in caplog.text
+
+
 def test_push_outputs_uploads_backbone_at_the_root(tmp_path):
     script = _import_script()
     calls = []
@@ -342,7 +370,8 @@ def test_push_outputs_uploads_backbone_at_the_root(tmp_path):
 @pytest.mark.slow
 def test_two_processes_equal_one_process(reference_run, small_parquet, hf_home, tmp_path):
     output_dir = tmp_path / "two_processes"
-    summary = run_script(tiny_run_args(small_parquet, output_dir, per_device_train_batch_size="2"), hf_home, processes=2)
+    args = tiny_run_args(small_parquet, output_dir, per_device_train_batch_size="2")
+    summary = run_script(args, hf_home, processes=2)
     assert summary["num_processes"] == 2 and summary["global_batch_size"] == 4
     assert summary["images_seen"] == 6 * 4
     # Each global batch is split between the processes: disjoint halves of the reference's batch.
@@ -351,6 +380,8 @@ def test_two_processes_equal_one_process(reference_run, small_parquet, hf_home, 
     for step, keys in reference.items():
         assert not set(rank0[step]) & set(rank1[step])
         assert sorted(rank0[step] + rank1[step]) == sorted(keys)
+    first_epoch = [k for step in range(5) for k in rank0[step] + rank1[step]]
+    assert len(set(first_epoch)) == len(first_epoch) == NUM_IMAGES  # every image once per epoch
     assert_same_state(teacher_state(output_dir), teacher_state(reference_run), rtol=1e-5, atol=1e-6)
 
 
@@ -364,20 +395,44 @@ def test_gradient_accumulation_equals_full_batch(reference_run, small_parquet, h
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_reaches_the_uninterrupted_weights(reference_run, small_parquet, hf_home, tmp_path):
+@pytest.mark.parametrize("resume_step", [4, 5], ids=["mid-epoch", "end-of-epoch"])
+def test_resume_reaches_the_uninterrupted_weights(reference_run, small_parquet, hf_home, tmp_path, resume_step):
     kept = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
-    assert kept == ["step_00000004", "step_00000006"]  # every 2 steps, the last 2 kept
-    # Step 4 lies in the first epoch (5 batches); the resumed run crosses into the second.
+    assert kept == ["step_00000004", "step_00000005", "step_00000006"]  # the last 3 of 6 kept
+    checkpoint = reference_run / "checkpoints" / f"step_{resume_step:08d}"
     output_dir = tmp_path / "resumed"
-    shutil.copytree(reference_run / "checkpoints" / "step_00000004", output_dir / "checkpoints" / "step_00000004")
-    args = tiny_run_args(small_parquet, output_dir, resume_from_checkpoint="latest", checkpointing_steps="2")
-    summary = run_script(args, hf_home)
-    assert summary["global_step"] == 6
+    if resume_step == 4:  # "latest" finds the checkpoint in the output folder
+        shutil.copytree(checkpoint, output_dir / "checkpoints" / checkpoint.name)
+        resume = "latest"
+    else:  # an explicit folder; step 5 ends the first epoch, so the run starts a new one
+        resume = str(checkpoint)
+    summary = run_script(tiny_run_args(small_parquet, output_dir, resume_from_checkpoint=resume), hf_home)
+    assert summary["global_step"] == 6 and summary["images_seen"] == 6 * 4
     assert_same_state(teacher_state(output_dir), teacher_state(reference_run), rtol=0, atol=0)
-    # Only the two remaining steps ran, on the reference's images of those steps.
-    reference = keys_by_step(reference_run, 0)
-    resumed = keys_by_step(output_dir, 0)
-    assert sorted(resumed) == [4, 5] and all(resumed[s] == reference[s] for s in resumed)
+    # Only the remaining steps ran, on the reference's images of those steps.
+    reference, resumed = keys_by_step(reference_run, 0), keys_by_step(output_dir, 0)
+    assert sorted(resumed) == list(range(resume_step, 6)) and all(resumed[s] == reference[s] for s in resumed)
+
+
+@pytest.mark.slow
+def test_streamed_run_resumes_exactly(small_parquet, hf_home, tmp_path):
+    """The stream path of the script (split by node, unprepared loader, epochs of a stream):
+    a run resumed mid-epoch from a stream checkpoint ends with the uninterrupted run's weights."""
+    table = datasets.load_dataset("parquet", data_files=str(small_parquet), split="train")
+    table.save_to_disk(str(tmp_path / "saved"), num_shards=2)  # arrow: no parquet close pause
+    files = sorted(str(p) for p in (tmp_path / "saved").glob("*.arrow"))
+
+    def stream_args(output_dir: Path, **changes) -> list[str]:
+        return tiny_run_args(files, output_dir, streaming="true", **changes)
+
+    full = tmp_path / "full"
+    summary = run_script(stream_args(full, checkpointing_steps="4"), hf_home)
+    assert summary["global_step"] == 6 and summary["images_seen"] == 6 * 4
+    epoch_keys = json.loads((full / "sample_keys" / "rank0.json").read_text())
+    assert len({key for _, epoch, key in epoch_keys if epoch == 0}) == NUM_IMAGES  # 5 batches = the stream
+    resumed = tmp_path / "resumed"
+    run_script(stream_args(resumed, resume_from_checkpoint=str(full / "checkpoints" / "step_00000004")), hf_home)
+    assert_same_state(teacher_state(resumed), teacher_state(full), rtol=0, atol=0)
 
 
 @pytest.mark.slow
