@@ -34,7 +34,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_esvit import EsViTConfig
-from .layers import DropPath, EncoderOutput, Mlp, QuickGELU, attend
+from .layers import DropPath, EncoderOutput, Mlp, QuickGELU, attend, check_pixel_values
 
 
 class CvtLayerNorm(nn.LayerNorm):
@@ -227,11 +227,7 @@ class CvtEncoder(nn.Module):
         output_block_features: bool = False,
         attn_implementation: str = "sdpa",
     ) -> EncoderOutput:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values must be [batch, {self.config.num_channels}, height, width], "
-                f"got shape {tuple(pixel_values.shape)}."
-            )
+        check_pixel_values(pixel_values, self.config.num_channels)
         if attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}.")
         if output_attentions:

@@ -27,7 +27,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_esvit import EsViTConfig
-from .layers import DropPath, EncoderOutput, Mlp, attend
+from .layers import DropPath, EncoderOutput, Mlp, attend, check_pixel_values
 
 # Additive logit for token pairs from different regions of a shifted window: large enough that
 # the softmax gives them (numerically) zero weight, the value the released models were trained with.
@@ -354,11 +354,7 @@ class SwinEncoder(nn.Module):
         output_block_features: bool = False,
         attn_implementation: str = "sdpa",
     ) -> EncoderOutput:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"expected pixel_values of shape [B, {self.config.num_channels}, H, W], "
-                f"got {tuple(pixel_values.shape)}."
-            )
+        check_pixel_values(pixel_values, self.config.num_channels)
         patch = self.patch_embed.patch_size
         if pixel_values.shape[2] < patch or pixel_values.shape[3] < patch:
             raise ValueError(f"input {tuple(pixel_values.shape[2:])} is smaller than one {patch}x{patch} patch.")

@@ -42,7 +42,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_esvit import EsViTConfig
-from .layers import DropPath, EncoderOutput, Mlp, attend
+from .layers import DropPath, EncoderOutput, Mlp, attend, check_pixel_values
 
 #: Neighbour chunks in the order of the 3x3 neighbourhood, row-major over the offsets (-1, 0, 1);
 #: index 4 is the query's own chunk.
@@ -572,11 +572,7 @@ class VilEncoder(nn.Module):
         output_block_features: bool = False,
         attn_implementation: str = "sdpa",
     ) -> EncoderOutput:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values must be [batch, {self.config.num_channels}, height, width], "
-                f"got {tuple(pixel_values.shape)}."
-            )
+        check_pixel_values(pixel_values, self.config.num_channels)
         if output_attentions:
             attn_implementation = "eager"
         neighbours = iter(self.draw_neighbours())

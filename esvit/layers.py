@@ -45,6 +45,14 @@ class EncoderOutput:
     block_features: tuple[torch.Tensor, ...] | None = None
 
 
+def check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
+    """Raise a clear error for input that is not a `[B, num_channels, H, W]` image batch."""
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"pixel_values must be [batch, {num_channels}, height, width], got shape {tuple(pixel_values.shape)}."
+        )
+
+
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Stochastic depth (Huang et al., 2016): drop a whole residual branch per sample."""
     if drop_prob == 0.0 or not training:
@@ -118,4 +126,4 @@ def attend(
     return out, None
 
 
-__all__ = ["EncoderOutput", "DropPath", "QuickGELU", "Mlp", "attend", "drop_path"]
+__all__ = ["EncoderOutput", "check_pixel_values", "DropPath", "QuickGELU", "Mlp", "attend", "drop_path"]

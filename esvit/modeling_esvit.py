@@ -207,11 +207,6 @@ class EsViTModel(EsViTPreTrainedModel):
         output_attentions: bool = False,
         output_block_features: bool = False,
     ) -> EncoderOutput:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values must be [batch, {self.config.num_channels}, height, width], "
-                f"got shape {tuple(pixel_values.shape)}."
-            )
         return self.encoder(
             pixel_values,
             output_hidden_states=output_hidden_states,
