@@ -346,7 +346,7 @@ def test_absolute_position_embedding():
         assert encoder(torch.randn(1, 3, 96, 96)).last_hidden_state.shape == (1, 9, 64)  # resized, not rejected
     assert not torch.allclose(with_ape, without)
     torch.testing.assert_close(shifted, without + 0.5)
-    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+    with pytest.raises(ValueError, match=r"pixel_values must be \[batch, 3, height, width\]"):
         encoder(torch.randn(1, 1, 96, 96))
 
 
