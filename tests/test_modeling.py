@@ -314,3 +314,25 @@ def test_norm_last_layer_freezes_the_scale():
 def test_package_exports():
     assert esvit.EsViTModel is EsViTModel
     assert "swin-tiny-w7" in esvit.PRESETS
+
+
+@pytest.mark.parametrize(
+    "preset, dim",
+    [
+        ("swin-tiny-w7", 2304),
+        ("swin-small-w7", 2304),
+        ("swin-tiny-w14", 2304),
+        ("swin-base-w7", 3072),
+        ("swin-base-w14", 3072),
+        ("vil-2262", 2304),
+        ("cvt-s1", 2304),
+    ],
+)
+def test_n_last_blocks_feature_dimension(preset, dim):
+    """The linear-probe feature width of each released model (n = 4), from a real forward pass."""
+    config = EsViTConfig.from_preset(preset)
+    assert config.n_last_blocks_dim(4) == dim
+    with torch.device("meta"):
+        model = EsViTModel(config)
+    # the meta device gives the true output shapes without allocating the full-size weights
+    assert model.get_n_last_blocks_features(torch.empty(1, 3, 224, 224, device="meta"), n=4).shape == (1, dim)
