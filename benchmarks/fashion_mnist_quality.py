@@ -42,7 +42,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from esvit.configuration_esvit import EsViTConfig  # noqa: E402
-from esvit.features import compute_features  # noqa: E402
 from esvit.knn import knn_classify  # noqa: E402
 from esvit.linear_probe import fast_linear_probe  # noqa: E402
 from esvit.modeling_esvit import EsViTModel  # noqa: E402
@@ -90,8 +89,10 @@ def backbone_features(model: EsViTModel, images: torch.Tensor, batch_size: int) 
     n = min(4, model.config.num_blocks)
     for start in range(0, images.shape[0], batch_size):
         pixel_values = to_pixel_values(images[start : start + batch_size])  # [B, 3, H, W]
-        pooled.append(compute_features(model, pixel_values, "pooled").float())
-        blocks.append(compute_features(model, pixel_values, "n_last_blocks", n).float())
+        # One encoder pass gives both features (`compute_features` would run the network twice).
+        enc = model._encode(pixel_values, output_block_features=True)
+        pooled.append(enc.pooler_output.float())  # [B, C], as compute_features(..., "pooled")
+        blocks.append(torch.cat(enc.block_features[-n:], dim=-1).float())  # [B, D], as "n_last_blocks"
     return {"pooled": torch.cat(pooled), "n_last_blocks": torch.cat(blocks)}
 
 
@@ -119,6 +120,10 @@ def recipe_config(path: Path) -> EsViTConfig:
     import yaml
 
     recipe = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    if recipe.get("recipe"):  # a file that selects a named recipe (and may override some values)
+        from esvit.recipes import get_recipe
+
+        recipe = {**get_recipe(recipe["recipe"]), **recipe}
     overrides = recipe.get("config_overrides") or {}
     if isinstance(overrides, str):
         overrides = json.loads(overrides)
@@ -186,6 +191,8 @@ def main() -> None:
     parser.add_argument("--fast_epochs", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=1000, help="feature-extraction batch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--merge_results", type=Path, nargs="*", default=[],
+                        help="JSON files of earlier runs of this script whose rows join the table")
     args = parser.parse_args()
 
     import datasets
@@ -226,6 +233,10 @@ def main() -> None:
         print(f"[{row}] k-NN top-1 {result['knn_top1']:.2f}%, linear top-1 {result['linear_top1']:.2f}% "
               f"(extract {extract_seconds:.0f} s, probes {result['probe_seconds']:.0f} s)", flush=True)
 
+    for path in args.merge_results:
+        for row, result in json.loads(path.read_text())["results"].items():
+            results.setdefault(row, result)
+    results = {row: results[row] for row in ROWS if row in results}
     table = markdown_table(results, machine)
     print(table)
     args.results_dir.mkdir(parents=True, exist_ok=True)
