@@ -315,9 +315,10 @@ def test_every_recipe_parses():
     from esvit.recipes import RECIPES
 
     script = _import_script()
+    three_stage = {"fashion-mnist-cpu"}  # 28-px images: 14x14 tokens leave room for 3 stages
     for name in RECIPES:
         model, _, _ = script.parse_arguments(["--recipe", name, "--train_dir", "/data"])
-        assert model.build_config().num_stages == 4
+        assert model.build_config().num_stages == (3 if name in three_stage else 4), name
 
 
 def test_collapse_monitor_warns_once_when_the_entropy_stays_at_an_extreme(caplog):
