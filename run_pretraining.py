@@ -285,45 +285,6 @@ class DataPosition:
         return cls(**json.loads(path.read_text()))
 
 
-class StepCenters:
-    """Make the loss centres move once per optimizer step under gradient accumulation.
-
-    `EsViTLoss.forward` updates its centres after every call. With k micro-batches per step,
-    a full-batch step would use the step's starting centres for all images and move them once,
-    by the mean over the whole batch. Because the update is affine in the batch mean
-    (c' = m c + (1 - m) mean), restoring the starting centres before each micro-batch and then
-    averaging the k updated centres reproduces exactly that (micro-batches of equal size).
-    """
-
-    def __init__(self, loss_fn: EsViTLoss, micro_batches: int):
-        self.loss_fn = loss_fn
-        self.enabled = micro_batches > 1
-        self.start: list[torch.Tensor] | None = None
-        self.updated: list[list[torch.Tensor]] = []
-
-    def _buffers(self) -> list[torch.Tensor]:
-        return [self.loss_fn.view_center, self.loss_fn.region_center]
-
-    def before_micro_batch(self) -> None:
-        if not self.enabled:
-            return
-        if self.start is None:
-            self.start = [b.clone() for b in self._buffers()]
-        else:
-            for buffer, value in zip(self._buffers(), self.start):
-                buffer.copy_(value)
-
-    def after_micro_batch(self) -> None:
-        if self.enabled:
-            self.updated.append([b.clone() for b in self._buffers()])
-
-    def finish_step(self) -> None:
-        if self.enabled and self.updated:
-            for i, buffer in enumerate(self._buffers()):
-                buffer.copy_(torch.stack([u[i] for u in self.updated]).mean(dim=0))
-        self.start, self.updated = None, []
-
-
 class MetricWindow:
     """Sums of the per-micro-batch loss outputs between two log points (kept on the device)."""
 
@@ -677,7 +638,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
         ).to(accelerator.device)
         if model_args.init_from and (Path(model_args.init_from) / LOSS_STATE_FILE).is_file():
             loss_fn.load_state_dict(load_file(str(Path(model_args.init_from) / LOSS_STATE_FILE)))
-        centers = StepCenters(loss_fn, args.gradient_accumulation_steps)
 
         # ============ optimizer ... ============
         optimizer = torch.optim.AdamW(get_param_groups(student))  # lr and wd are set every step
@@ -798,12 +758,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
                     seen_keys.extend([progress.global_step, position.epoch, k] for k in batch["keys"].tolist())
                 step = progress.global_step
                 with accelerator.accumulate(student):
-                    centers.before_micro_batch()
                     with torch.no_grad(), accelerator.autocast():
                         teacher_out = teacher_forward(crops[:2])  # the teacher sees the global crops
                     student_out = student(crops)
-                    out = loss_fn(student_out, teacher_out, teacher_temp=float(schedules.teacher_temp[step]))
-                    centers.after_micro_batch()
+                    # under accumulation the centres move once per optimizer step (step_centers)
+                    out = loss_fn(
+                        student_out,
+                        teacher_out,
+                        teacher_temp=float(schedules.teacher_temp[step]),
+                        update_centers=args.gradient_accumulation_steps == 1,
+                    )
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
                         for i, group in enumerate(optimizer.param_groups):
@@ -821,7 +785,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
                     continue
 
                 # ---- one optimizer step done ----
-                centers.finish_step()
+                loss_fn.step_centers()
                 update_teacher(unwrapped, teacher, float(schedules.teacher_momentum[step]))
                 progress.global_step += 1
                 progress_bar.update(1)

@@ -231,6 +231,8 @@ class EsViTLoss(nn.Module):
         self.region_chunk_size = region_chunk_size or max(1, DEFAULT_CHUNK_NUMEL // out_dim)
         self.register_buffer("view_center", torch.zeros(1, out_dim))
         self.register_buffer("region_center", torch.zeros(1, out_dim))
+        # Teacher statistics added up over the micro-batches of one optimizer step (see forward).
+        self._pending: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -285,7 +287,11 @@ class EsViTLoss(nn.Module):
 
     # ------------------------------------------------------------------ loss
     def forward(
-        self, student: PreTrainingOutputLike, teacher: PreTrainingOutputLike, teacher_temp: float
+        self,
+        student: PreTrainingOutputLike,
+        teacher: PreTrainingOutputLike,
+        teacher_temp: float,
+        update_centers: bool = True,
     ) -> EsViTLossOutput:
         """Loss for one batch; then the centres move towards this batch's teacher statistics.
 
@@ -293,6 +299,9 @@ class EsViTLoss(nn.Module):
             student: outputs for all crops (the teacher's global crops first, crop-major rows).
             teacher: outputs for the `num_global_crops` global crops.
             teacher_temp: teacher softmax temperature for this step (see `schedules`).
+            update_centers: False under gradient accumulation: the batch's teacher statistics are
+                only added up, and `step_centers()` moves the centres once per optimizer step by
+                the mean over all its micro-batches, exactly as one large batch would.
         """
         batch, num_crops = self._check_inputs(student, teacher)
         device = student.view_logits.device
@@ -300,8 +309,18 @@ class EsViTLoss(nn.Module):
         # sensitive to half precision, and an outer autocast would otherwise lower the matmuls.
         with torch.autocast(device_type=device.type, enabled=False):
             result = self._loss(student, teacher, float(teacher_temp), batch, num_crops)
-        self.update_centers(teacher)
+        if update_centers:
+            self.update_centers(teacher)
+        else:
+            stats = self._teacher_statistics(teacher)
+            self._pending = stats if self._pending is None else self._pending + stats
         return result
+
+    def step_centers(self) -> None:
+        """Apply the statistics added up by `forward(..., update_centers=False)` (no-op if none)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._apply_statistics(pending)
 
     def _loss(
         self,
@@ -373,11 +392,12 @@ class EsViTLoss(nn.Module):
     # ------------------------------------------------------------------ centres
     @torch.no_grad()
     def update_centers(self, teacher: PreTrainingOutputLike) -> None:
-        """EMA of the batch means of the teacher outputs, averaged over all processes.
+        """EMA of the batch means of the teacher outputs, averaged over all processes."""
+        self._apply_statistics(self._teacher_statistics(teacher))
 
-        The sums and row counts of both centres travel in one all-reduce, so a process with a
-        smaller last batch is weighted by its rows. Works without a process group (one process).
-        """
+    def _teacher_statistics(self, teacher: PreTrainingOutputLike) -> torch.Tensor:
+        """This process's column sums of the teacher outputs and their row counts, packed as
+        `[view sum (K), region sum (K, with the region task), view rows, region rows]`."""
         view = teacher.view_logits.detach()
         sums = [torch.sum(view, dim=0, dtype=torch.float32)]  # [K]
         counts = [float(view.shape[0])]
@@ -389,11 +409,18 @@ class EsViTLoss(nn.Module):
                 region_rows += logits.shape[0] * logits.shape[1]
             sums.append(region_sum)
             counts.append(float(region_rows))
-        packed = torch.cat(sums + [torch.tensor(counts, dtype=torch.float32, device=view.device)])
+        return torch.cat(sums + [torch.tensor(counts, dtype=torch.float32, device=view.device)])
+
+    def _apply_statistics(self, packed: torch.Tensor) -> None:
+        """Move both centres towards the global batch means.
+
+        The sums and row counts of both centres travel in one all-reduce, so a process with a
+        smaller last batch is weighted by its rows. Works without a process group (one process).
+        """
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed)
         k = self.out_dim
-        num_sums = len(sums)
+        num_sums = 2 if self.use_region_loss else 1
         totals = packed[num_sums * k :]
         m = self.center_momentum
         batch_view = packed[:k].unsqueeze(0) / totals[0]  # [1, K]

@@ -366,3 +366,34 @@ def test_one_training_step_moves_the_student_and_the_teacher():
         0.9 * backbone_before + 0.1 * student.esvit.encoder.patch_embed.proj.weight,
     )
     assert torch.isfinite(out.loss) and 0 < out.teacher_view_entropy <= torch.log(torch.tensor(32.0)) + 1e-4
+
+
+def test_deferred_centre_update_equals_one_large_batch():
+    """Gradient accumulation: micro-batches with update_centers=False, then step_centers(), move
+    the centres exactly as one call on the whole batch does (and the loss values are unchanged)."""
+    from esvit.loss import EsViTLoss
+
+    tokens = [4, 4, 2, 2]
+    student, teacher = random_outputs(4, tokens, out_dim=16, feat_dim=8, grad=False)
+
+    def half(out, part, num_crops):
+        rows = out.view_logits.view(num_crops, 4, -1)[:, 2 * part : 2 * part + 2].reshape(-1, 16)
+        regions = tuple(r[2 * part : 2 * part + 2] for r in out.region_logits)
+        feats = tuple(f[2 * part : 2 * part + 2] for f in out.region_features)
+        return SimpleNamespace(view_logits=rows, region_logits=regions, region_features=feats)
+
+    whole = EsViTLoss(out_dim=16)
+    whole.view_center.normal_()  # start away from zero so the EMA term is exercised
+    whole.region_center.normal_()
+    parts = EsViTLoss(out_dim=16)
+    parts.load_state_dict(whole.state_dict())
+    whole(student, teacher, teacher_temp=0.05)
+    for part in (0, 1):
+        before = parts.view_center.clone()
+        parts(half(student, part, 4), half(teacher, part, 2), teacher_temp=0.05, update_centers=False)
+        torch.testing.assert_close(parts.view_center, before, rtol=0, atol=0)  # nothing moves yet
+    parts.step_centers()
+    torch.testing.assert_close(parts.view_center, whole.view_center)
+    torch.testing.assert_close(parts.region_center, whole.region_center)
+    parts.step_centers()  # nothing pending: a no-op
+    torch.testing.assert_close(parts.view_center, whole.view_center)
