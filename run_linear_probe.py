@@ -43,16 +43,16 @@ from torch.utils.data import DataLoader
 from transformers import AutoModel, HfArgumentParser
 
 import esvit  # noqa: F401  (registers the esvit model type with AutoModel)
-from esvit.eval_data import (
+from esvit.evaluation.data import (
     LabelledImageDataset,
     build_eval_transform,
     build_train_transform,
     collate_labelled,
     load_labelled_split,
 )
-from esvit.features import FEATURE_KINDS, extract_features
-from esvit.knn import knn_classify
-from esvit.linear_probe import fast_linear_probe, train_linear_probe
+from esvit.evaluation.features import FEATURE_KINDS, extract_features
+from esvit.evaluation.knn import knn_classify
+from esvit.evaluation.linear_probe import fast_linear_probe, train_linear_probe
 
 logger = logging.getLogger(__name__)
 
@@ -138,42 +138,72 @@ def parse_protocols(text: str) -> list[str]:
 def _eval_results(results: dict, dataset_type: str, dataset_name: str, split: str) -> list:
     from huggingface_hub import EvalResult
 
-    common = dict(task_type="image-classification", task_name="Image Classification", dataset_type=dataset_type,
-                  dataset_name=dataset_name, dataset_split=split, metric_type="accuracy")
+    common = dict(
+        task_type="image-classification",
+        task_name="Image Classification",
+        dataset_type=dataset_type,
+        dataset_name=dataset_name,
+        dataset_split=split,
+        metric_type="accuracy",
+    )
     entries = []
     if "knn" in results:
         knn = results["knn"]
         for k, scores in knn["results"].items():
-            entries.append(EvalResult(
-                **common,
-                metric_name=f"k-NN top-1 (k={k}, T={knn['temperature']}, {knn['features']} features)",
-                metric_value=round(scores["top1"], 2),
-                metric_args={"protocol": "weighted k-NN", "k": int(k), "temperature": knn["temperature"],
-                             "features": knn["features"]},
-            ))
+            entries.append(
+                EvalResult(
+                    **common,
+                    metric_name=f"k-NN top-1 (k={k}, T={knn['temperature']}, {knn['features']} features)",
+                    metric_value=round(scores["top1"], 2),
+                    metric_args={
+                        "protocol": "weighted k-NN",
+                        "k": int(k),
+                        "temperature": knn["temperature"],
+                        "features": knn["features"],
+                    },
+                )
+            )
     if "fast_linear" in results:
         fast = results["fast_linear"]
-        entries.append(EvalResult(
-            **common,
-            metric_name=f"Linear probe top-1 (cached centre-crop features, {fast['features_description']}, lr sweep)",
-            metric_value=round(fast["top1"], 2),
-            metric_args={"protocol": "linear probe on cached features", "epochs": fast["epochs"],
-                         "lr": fast["best_lr"], "features": fast["features_description"]},
-        ))
+        entries.append(
+            EvalResult(
+                **common,
+                metric_name=f"Linear probe top-1 (cached centre-crop features, {fast['features_description']}, lr sweep)",
+                metric_value=round(fast["top1"], 2),
+                metric_args={
+                    "protocol": "linear probe on cached features",
+                    "epochs": fast["epochs"],
+                    "lr": fast["best_lr"],
+                    "features": fast["features_description"],
+                },
+            )
+        )
     if "linear" in results:
         lin = results["linear"]
-        entries.append(EvalResult(
-            **common,
-            metric_name=f"Linear probe top-1 (full protocol, {lin['epochs']} epochs, {lin['features_description']})",
-            metric_value=round(lin["top1"], 2),
-            metric_args={"protocol": "linear probe, RandomResizedCrop+flip", "epochs": lin["epochs"],
-                         "lr": lin["lr"], "features": lin["features_description"]},
-        ))
+        entries.append(
+            EvalResult(
+                **common,
+                metric_name=f"Linear probe top-1 (full protocol, {lin['epochs']} epochs, {lin['features_description']})",
+                metric_value=round(lin["top1"], 2),
+                metric_args={
+                    "protocol": "linear probe, RandomResizedCrop+flip",
+                    "epochs": lin["epochs"],
+                    "lr": lin["lr"],
+                    "features": lin["features_description"],
+                },
+            )
+        )
     return entries
 
 
-def update_model_card(card_path: str | None, repo_id: str | None, results: dict, data_args: DataArguments,
-                      probe_args: ProbeArguments, model_name: str):
+def update_model_card(
+    card_path: str | None,
+    repo_id: str | None,
+    results: dict,
+    data_args: DataArguments,
+    probe_args: ProbeArguments,
+    model_name: str,
+):
     """Merge this run's results into the card's model-index (same dataset/split/metric replaced)."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -182,8 +212,10 @@ def update_model_card(card_path: str | None, repo_id: str | None, results: dict,
     elif card_path is None and repo_id is not None:
         card = ModelCard.load(repo_id, token=probe_args.hub_token)
     else:
-        card = ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n\n# {model_name}\n\nAn EsViT backbone "
-                         "(Li et al., ICLR 2022, arXiv:2106.09785).\n")
+        card = ModelCard(
+            f"---\n{ModelCardData().to_yaml()}\n---\n\n# {model_name}\n\nAn EsViT backbone "
+            "(Li et al., ICLR 2022, arXiv:2106.09785).\n"
+        )
     dataset_type = data_args.dataset_name or "local files"
     if os.path.exists(dataset_type):  # a local folder: its path means nothing to a card reader
         dataset_type = os.path.basename(os.path.normpath(dataset_type))
@@ -215,8 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
         cpu=probe_args.cpu,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=probe_args.process_group_timeout_minutes))],
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+    )
     set_seed(probe_args.seed)
     timings: dict[str, float] = {}
 
@@ -228,8 +262,12 @@ def main(argv: list[str] | None = None) -> dict:
     image_size = data_args.image_size or getattr(model.config, "image_size", 224)
 
     # ----------------------------------------------------------------- data
-    split_kwargs = dict(config_name=data_args.dataset_config_name, image_column=data_args.image_column,
-                        label_column=data_args.label_column, cache_dir=data_args.cache_dir)
+    split_kwargs = dict(
+        config_name=data_args.dataset_config_name,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        cache_dir=data_args.cache_dir,
+    )
     data_files = None
     if data_args.train_file or data_args.eval_file:
         if not (data_args.train_file and data_args.eval_file):
@@ -237,22 +275,41 @@ def main(argv: list[str] | None = None) -> dict:
         data_files = {"train": data_args.train_file, "eval": data_args.eval_file}
     with accelerator.main_process_first():  # the main process builds any `datasets` cache first
         train_split = load_labelled_split(
-            data_args.dataset_name, "train" if data_files else data_args.train_split, data_files=data_files,
-            max_samples=data_args.max_train_samples, **split_kwargs)
-        eval_candidates = ["eval"] if data_files else (
-            [data_args.eval_split] if data_args.eval_split else ["validation", "val", "test"])
+            data_args.dataset_name,
+            "train" if data_files else data_args.train_split,
+            data_files=data_files,
+            max_samples=data_args.max_train_samples,
+            **split_kwargs,
+        )
+        eval_candidates = (
+            ["eval"]
+            if data_files
+            else ([data_args.eval_split] if data_args.eval_split else ["validation", "val", "test"])
+        )
         eval_split = load_labelled_split(
-            data_args.dataset_name, eval_candidates, data_files=data_files, class_names=train_split.class_names,
-            max_samples=data_args.max_eval_samples, **split_kwargs)
+            data_args.dataset_name,
+            eval_candidates,
+            data_files=data_files,
+            class_names=train_split.class_names,
+            max_samples=data_args.max_eval_samples,
+            **split_kwargs,
+        )
     num_classes = train_split.num_classes
-    accelerator.print(f"{len(train_split)} train / {len(eval_split)} eval images, {num_classes} classes, "
-                      f"{image_size}-px crops, {accelerator.num_processes} process(es)")
+    accelerator.print(
+        f"{len(train_split)} train / {len(eval_split)} eval images, {num_classes} classes, "
+        f"{image_size}-px crops, {accelerator.num_processes} process(es)"
+    )
 
     eval_transform = build_eval_transform(image_size, data_args.resize_size)
 
     def loader(split, transform, shuffle: bool) -> DataLoader:
-        return DataLoader(LabelledImageDataset(split, transform), batch_size=probe_args.per_device_batch_size,
-                          shuffle=shuffle, num_workers=data_args.dataloader_num_workers, collate_fn=collate_labelled)
+        return DataLoader(
+            LabelledImageDataset(split, transform),
+            batch_size=probe_args.per_device_batch_size,
+            shuffle=shuffle,
+            num_workers=data_args.dataloader_num_workers,
+            collate_fn=collate_labelled,
+        )
 
     results: dict = {
         "model": model_args.model_name_or_path,
@@ -280,7 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
     if kinds:
         start = time.perf_counter()
         train_loader, eval_loader = accelerator.prepare(
-            loader(train_split, eval_transform, False), loader(eval_split, eval_transform, False))
+            loader(train_split, eval_transform, False), loader(eval_split, eval_transform, False)
+        )
         train_feats, train_labels = extract_features(model, train_loader, accelerator, kinds, n, desc="train features")
         eval_feats, eval_labels = extract_features(model, eval_loader, accelerator, kinds, n, desc="eval features")
         timings["extraction_s"] = time.perf_counter() - start
@@ -289,8 +347,10 @@ def main(argv: list[str] | None = None) -> dict:
 
             os.makedirs(probe_args.output_dir, exist_ok=True)
             for name, feats, labels in (("train", train_feats, train_labels), ("eval", eval_feats, eval_labels)):
-                save_file({**{k: v.contiguous() for k, v in feats.items()}, "labels": labels},
-                          os.path.join(probe_args.output_dir, f"features_{name}.safetensors"))
+                save_file(
+                    {**{k: v.contiguous() for k, v in feats.items()}, "labels": labels},
+                    os.path.join(probe_args.output_dir, f"features_{name}.safetensors"),
+                )
         # Every process holds all features and runs the same (cheap, seeded) computation below, so no
         # process sits in a collective while another one trains.
         device = accelerator.device
@@ -302,15 +362,28 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         ks = [k for k in probe_args.nb_knn if k <= len(train_split)]
         if len(ks) < len(probe_args.nb_knn):
-            logger.warning("k-NN: skipping k > %d (the number of training images): %s", len(train_split),
-                           [k for k in probe_args.nb_knn if k > len(train_split)])
+            logger.warning(
+                "k-NN: skipping k > %d (the number of training images): %s",
+                len(train_split),
+                [k for k in probe_args.nb_knn if k > len(train_split)],
+            )
         if not ks:
             raise ValueError(f"every k in --nb_knn exceeds the {len(train_split)} training images.")
-        knn = knn_classify(train_feats[probe_args.knn_features], train_labels.to(device),
-                           eval_feats[probe_args.knn_features], eval_labels.to(device), num_classes, ks=ks,
-                           temperature=probe_args.temperature, batch_size=probe_args.knn_batch_size)
-        results["knn"] = {"features": probe_args.knn_features, "temperature": probe_args.temperature,
-                          "results": {str(k): v for k, v in knn.items()}}
+        knn = knn_classify(
+            train_feats[probe_args.knn_features],
+            train_labels.to(device),
+            eval_feats[probe_args.knn_features],
+            eval_labels.to(device),
+            num_classes,
+            ks=ks,
+            temperature=probe_args.temperature,
+            batch_size=probe_args.knn_batch_size,
+        )
+        results["knn"] = {
+            "features": probe_args.knn_features,
+            "temperature": probe_args.temperature,
+            "results": {str(k): v for k, v in knn.items()},
+        }
         timings["knn_s"] = time.perf_counter() - start
         for k, v in knn.items():
             accelerator.print(f"{k}-NN: " + ", ".join(f"{m} {a:.2f}%" for m, a in v.items()))
@@ -319,20 +392,32 @@ def main(argv: list[str] | None = None) -> dict:
     if "fast_linear" in protocols:
         start = time.perf_counter()
         fast = fast_linear_probe(
-            train_feats[probe_args.linear_features], train_labels.to(device),
-            eval_feats[probe_args.linear_features], eval_labels.to(device), num_classes,
-            lrs=probe_args.fast_lrs, epochs=probe_args.fast_epochs, batch_size=probe_args.fast_batch_size,
-            holdout_fraction=probe_args.holdout_fraction, seed=probe_args.seed,
-            show_progress=accelerator.is_local_main_process)
+            train_feats[probe_args.linear_features],
+            train_labels.to(device),
+            eval_feats[probe_args.linear_features],
+            eval_labels.to(device),
+            num_classes,
+            lrs=probe_args.fast_lrs,
+            epochs=probe_args.fast_epochs,
+            batch_size=probe_args.fast_batch_size,
+            holdout_fraction=probe_args.holdout_fraction,
+            seed=probe_args.seed,
+            show_progress=accelerator.is_local_main_process,
+        )
         results["fast_linear"] = {
-            **fast.test, "best_lr": fast.best_lr, "sweep_heldout_top1": {str(k): v for k, v in fast.sweep.items()},
-            "epochs": probe_args.fast_epochs, "batch_size": probe_args.fast_batch_size,
-            "holdout_fraction": probe_args.holdout_fraction, "features": probe_args.linear_features,
+            **fast.test,
+            "best_lr": fast.best_lr,
+            "sweep_heldout_top1": {str(k): v for k, v in fast.sweep.items()},
+            "epochs": probe_args.fast_epochs,
+            "batch_size": probe_args.fast_batch_size,
+            "holdout_fraction": probe_args.holdout_fraction,
+            "features": probe_args.linear_features,
             "features_description": describe[probe_args.linear_features],
         }
         timings["fast_linear_s"] = time.perf_counter() - start
-        accelerator.print(f"fast linear probe (lr {fast.best_lr}): "
-                          + ", ".join(f"{m} {a:.2f}%" for m, a in fast.test.items()))
+        accelerator.print(
+            f"fast linear probe (lr {fast.best_lr}): " + ", ".join(f"{m} {a:.2f}%" for m, a in fast.test.items())
+        )
         if accelerator.is_main_process:
             _save_classifier(fast.classifier, probe_args.output_dir, "fast_linear_classifier.safetensors")
 
@@ -341,21 +426,37 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         set_seed(probe_args.seed, device_specific=True)  # distinct augmentations per process
         full = train_linear_probe(
-            model, loader(train_split, build_train_transform(image_size), True),
-            loader(eval_split, eval_transform, False), accelerator, num_classes, image_size,
-            kind=probe_args.linear_features, n=n, lr=probe_args.lr, epochs=probe_args.epochs,
-            val_freq=probe_args.val_freq, seed=probe_args.seed)
+            model,
+            loader(train_split, build_train_transform(image_size), True),
+            loader(eval_split, eval_transform, False),
+            accelerator,
+            num_classes,
+            image_size,
+            kind=probe_args.linear_features,
+            n=n,
+            lr=probe_args.lr,
+            epochs=probe_args.epochs,
+            val_freq=probe_args.val_freq,
+            seed=probe_args.seed,
+        )
         classifier = full.pop("classifier")
-        results["linear"] = {**full, "epochs": probe_args.epochs, "lr": probe_args.lr,
-                             "features": probe_args.linear_features,
-                             "features_description": describe[probe_args.linear_features]}
+        results["linear"] = {
+            **full,
+            "epochs": probe_args.epochs,
+            "lr": probe_args.lr,
+            "features": probe_args.linear_features,
+            "features_description": describe[probe_args.linear_features],
+        }
         timings["linear_s"] = time.perf_counter() - start
         if accelerator.is_main_process:
             _save_classifier(classifier, probe_args.output_dir, "linear_classifier.safetensors")
 
     results["timings"] = timings
-    results["arguments"] = {"model": asdict(model_args), "data": asdict(data_args),
-                            "probe": {k: v for k, v in asdict(probe_args).items() if k != "hub_token"}}
+    results["arguments"] = {
+        "model": asdict(model_args),
+        "data": asdict(data_args),
+        "probe": {k: v for k, v in asdict(probe_args).items() if k != "hub_token"},
+    }
 
     # ----------------------------------------------------------------- write
     if accelerator.is_main_process:
@@ -374,12 +475,15 @@ def _save_classifier(classifier: torch.nn.Module, output_dir: str, filename: str
     from safetensors.torch import save_file
 
     os.makedirs(output_dir, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()},
-              os.path.join(output_dir, filename))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()},
+        os.path.join(output_dir, filename),
+    )
 
 
-def _publish(results: dict, model_args: ModelArguments, data_args: DataArguments, probe_args: ProbeArguments,
-             results_path: str) -> None:
+def _publish(
+    results: dict, model_args: ModelArguments, data_args: DataArguments, probe_args: ProbeArguments, results_path: str
+) -> None:
     local = os.path.isdir(model_args.model_name_or_path)
     model_name = os.path.basename(os.path.normpath(model_args.model_name_or_path))
     repo_id = probe_args.hub_model_id or (None if local else model_args.model_name_or_path)
@@ -396,12 +500,14 @@ def _publish(results: dict, model_args: ModelArguments, data_args: DataArguments
 
         if card is None:
             card = update_model_card(None, repo_id, results, data_args, probe_args, model_name)
-        card.push_to_hub(repo_id, token=probe_args.hub_token,
-                         commit_message="Add frozen-feature evaluation results")
+        card.push_to_hub(repo_id, token=probe_args.hub_token, commit_message="Add frozen-feature evaluation results")
         split = results["eval_split"]
         HfApi(token=probe_args.hub_token).upload_file(
-            path_or_fileobj=results_path, path_in_repo=f"eval_results/{split}_results.json", repo_id=repo_id,
-            commit_message="Add frozen-feature evaluation results")
+            path_or_fileobj=results_path,
+            path_in_repo=f"eval_results/{split}_results.json",
+            repo_id=repo_id,
+            commit_message="Add frozen-feature evaluation results",
+        )
 
 
 def _json_default(value):

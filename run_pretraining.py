@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import datasets
 import torch
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -40,20 +41,19 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-import datasets
 import esvit
 from esvit import EsViTConfig, EsViTForPreTraining
-from esvit.loss import EsViTLoss
-from esvit.optim import cancel_last_layer_gradients, clip_gradients, get_param_groups, update_teacher
-from esvit.pretraining_data import (
+from esvit.training.data import (
     DataArguments,
     MultiCropCollator,
     build_augmentation,
     build_pretraining_loader,
     load_pretraining_images,
 )
-from esvit.recipes import DEFAULT_RECIPE, get_recipe
-from esvit.schedules import build_schedules
+from esvit.training.loss import EsViTLoss
+from esvit.training.optim import cancel_last_layer_gradients, clip_gradients, get_param_groups, update_teacher
+from esvit.training.recipes import DEFAULT_RECIPE, get_recipe
+from esvit.training.schedules import build_schedules
 
 logger = get_logger(__name__)
 
@@ -126,7 +126,9 @@ class PretrainingArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Delete earlier checkpoints in output_dir instead of refusing to start."}
     )
-    recipe: str | None = field(default=None, metadata={"help": "A named recipe of esvit.recipes (defaults first)."})
+    recipe: str | None = field(
+        default=None, metadata={"help": "A named recipe of esvit.training.recipes (defaults first)."}
+    )
     config: str | None = field(default=None, metadata={"help": "YAML or JSON file of arguments."})
     seed: int = 0
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per process and micro-batch."})
@@ -276,7 +278,7 @@ class DataPosition:
         (folder / f"data_position_rank{rank}.json").write_text(json.dumps(asdict(self)))
 
     @classmethod
-    def load(cls, folder: Path, rank: int) -> "DataPosition":
+    def load(cls, folder: Path, rank: int) -> DataPosition:
         path = folder / f"data_position_rank{rank}.json"
         if not path.is_file():
             # More processes than when the checkpoint was written: follow process 0.
@@ -372,9 +374,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=_checkpoint_step)
 
 
-def save_checkpoint(
-    accelerator: Accelerator, root: Path, step: int, position: DataPosition, keep: int | None
-) -> Path:
+def save_checkpoint(accelerator: Accelerator, root: Path, step: int, position: DataPosition, keep: int | None) -> Path:
     """`accelerator.save_state` + this process's data position; the marker is written last."""
     folder = root / f"step_{step:08d}"
     accelerator.save_state(str(folder))
@@ -455,7 +455,7 @@ tags:
 pipeline_tag: image-feature-extraction
 ---
 
-# EsViT {info['preset']} ({'pretraining heads' if with_heads else 'backbone'})
+# EsViT {info["preset"]} ({"pretraining heads" if with_heads else "backbone"})
 
 This folder holds {what}, trained with EsViT (Li et al., "Efficient Self-supervised Vision
 Transformers for Representation Learning", ICLR 2022, arXiv:2106.09785): self-distillation of a
@@ -464,21 +464,21 @@ The weights are the teacher's.
 
 ## Architecture
 
-- backbone: `{config['backbone_type']}`, widths {config['hidden_sizes']}, depths {config['depths']},
-  heads {config['num_heads']}, window {config['window_size']}, image size {config['image_size']}
-- {info['num_parameters'] / 1e6:.2f} M backbone parameters; feature size {config['hidden_sizes'][-1]}
-- heads: DINO heads with {config['head_out_dim']} prototypes (hidden {config['head_hidden_dim']},
-  bottleneck {config['head_bottleneck_dim']})
+- backbone: `{config["backbone_type"]}`, widths {config["hidden_sizes"]}, depths {config["depths"]},
+  heads {config["num_heads"]}, window {config["window_size"]}, image size {config["image_size"]}
+- {info["num_parameters"] / 1e6:.2f} M backbone parameters; feature size {config["hidden_sizes"][-1]}
+- heads: DINO heads with {config["head_out_dim"]} prototypes (hidden {config["head_hidden_dim"]},
+  bottleneck {config["head_bottleneck_dim"]})
 
 ## Training
 
-- data: {info['data']}
-- {info['global_step']} optimizer steps ({epochs}), global batch {info['global_batch_size']} =
-  {info['num_processes']} process(es) x {info['per_device_batch_size']} images
-  x {info['gradient_accumulation_steps']} accumulation step(s)
-- tasks: view-level{' + region-level matching' if info['region'] else ' only (DINO)'}
+- data: {info["data"]}
+- {info["global_step"]} optimizer steps ({epochs}), global batch {info["global_batch_size"]} =
+  {info["num_processes"]} process(es) x {info["per_device_batch_size"]} images
+  x {info["gradient_accumulation_steps"]} accumulation step(s)
+- tasks: view-level{" + region-level matching" if info["region"] else " only (DINO)"}
 - final training metrics (mean of the last logging window): {loss_text}
-- {info['images_seen']} images trained on, {info['skipped_images']} skipped as undecodable
+- {info["images_seen"]} images trained on, {info["skipped_images"]} skipped as undecodable
 
 | hyper-parameter | value |
 |---|---|
@@ -492,7 +492,7 @@ import esvit  # registers the esvit model type with transformers
 ```
 
 `{cls}` expects images preprocessed by the image processor saved here
-(`AutoImageProcessor.from_pretrained(folder)`): resize, centre crop {config['image_size']}, ImageNet
+(`AutoImageProcessor.from_pretrained(folder)`): resize, centre crop {config["image_size"]}, ImageNet
 normalisation.
 """
 
@@ -595,9 +595,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
             if split_info is not None and split_info.num_examples:
                 num_examples = min(split_info.num_examples, data_args.max_train_samples or split_info.num_examples)
                 batches_per_epoch = num_examples // (args.per_device_train_batch_size * accelerator.num_processes)
-        steps_per_epoch = (
-            math.ceil(batches_per_epoch / args.gradient_accumulation_steps) if batches_per_epoch else None
-        )
+        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps) if batches_per_epoch else None
 
         # ============ networks ... ============
         config = model_args.build_config()

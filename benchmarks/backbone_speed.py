@@ -84,8 +84,10 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
-    print(f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
-          f"batch {args.batch_size}\n")
+    print(
+        f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
+        f"batch {args.batch_size}\n"
+    )
     print("| model | implementation | px | mode | images/s | peak memory (MiB) |\n|---|---|---|---|---|---|")
     for preset in args.presets:
         config = EsViTConfig.from_preset(preset, drop_path_rate=0.0)

@@ -42,10 +42,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from esvit.configuration_esvit import EsViTConfig  # noqa: E402
-from esvit.knn import knn_classify  # noqa: E402
-from esvit.linear_probe import fast_linear_probe  # noqa: E402
+from esvit.evaluation.knn import knn_classify  # noqa: E402
+from esvit.evaluation.linear_probe import fast_linear_probe  # noqa: E402
+from esvit.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from esvit.modeling_esvit import EsViTModel  # noqa: E402
-from esvit.multicrop import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 ROWS = ("raw", "random", "dino", "esvit")
 TITLES = {
@@ -58,9 +58,11 @@ TITLES = {
 
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} logical CPUs ({cpu}), "
-            f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} logical CPUs ({cpu}), "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def load_split(dataset, split: str, max_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,10 +101,19 @@ def backbone_features(model: EsViTModel, images: torch.Tensor, batch_size: int) 
 def evaluate(train: dict, test: dict, train_y, test_y, args) -> dict:
     """k-NN on the pooled feature and the fast linear probe on the block feature."""
     start = time.perf_counter()
-    knn = knn_classify(train["pooled"], train_y, test["pooled"], test_y, 10, ks=[args.k],
-                       temperature=args.temperature)[args.k]
-    probe = fast_linear_probe(train["n_last_blocks"], train_y, test["n_last_blocks"], test_y, 10,
-                              lrs=args.fast_lrs, epochs=args.fast_epochs, seed=args.seed)
+    knn = knn_classify(train["pooled"], train_y, test["pooled"], test_y, 10, ks=[args.k], temperature=args.temperature)[
+        args.k
+    ]
+    probe = fast_linear_probe(
+        train["n_last_blocks"],
+        train_y,
+        test["n_last_blocks"],
+        test_y,
+        10,
+        lrs=args.fast_lrs,
+        epochs=args.fast_epochs,
+        seed=args.seed,
+    )
     return {
         "knn_top1": knn["top1"],
         "knn_top5": knn["top5"],
@@ -121,7 +132,7 @@ def recipe_config(path: Path) -> EsViTConfig:
 
     recipe = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
     if recipe.get("recipe"):  # a file that selects a named recipe (and may override some values)
-        from esvit.recipes import get_recipe
+        from esvit.training.recipes import get_recipe
 
         recipe = {**get_recipe(recipe["recipe"]), **recipe}
     overrides = recipe.get("config_overrides") or {}
@@ -137,9 +148,21 @@ def pretrain(row: str, args) -> dict:
     if args.reuse and summary_file.is_file():
         print(f"[{row}] reusing {out}", flush=True)
         return json.loads(summary_file.read_text()) | {"reused": True}
-    command = [sys.executable, str(REPO / "run_pretraining.py"), "--config", str(args.recipe_config),
-               "--dataset_from_disk", args.dataset_path, "--output_dir", str(out), "--overwrite_output_dir",
-               "--use_region_loss", "true" if row == "esvit" else "false", "--seed", str(args.seed)]
+    command = [
+        sys.executable,
+        str(REPO / "run_pretraining.py"),
+        "--config",
+        str(args.recipe_config),
+        "--dataset_from_disk",
+        args.dataset_path,
+        "--output_dir",
+        str(out),
+        "--overwrite_output_dir",
+        "--use_region_loss",
+        "true" if row == "esvit" else "false",
+        "--seed",
+        str(args.seed),
+    ]
     if args.max_train_steps:
         command += ["--max_train_steps", str(args.max_train_steps)]
     out.mkdir(parents=True, exist_ok=True)
@@ -160,8 +183,10 @@ def markdown_table(results: dict, machine: str) -> str:
     for row, r in results.items():
         if "pretraining" in r:
             p = r["pretraining"]
-            train = (f"{p['global_step']} steps x {p['global_batch_size']} img, "
-                     f"{p['steps_per_second']:.2f} steps/s, final loss {p['final_metrics'].get('loss', float('nan')):.3f}")
+            train = (
+                f"{p['global_step']} steps x {p['global_batch_size']} img, "
+                f"{p['steps_per_second']:.2f} steps/s, final loss {p['final_metrics'].get('loss', float('nan')):.3f}"
+            )
             wall = f"{p.get('wall_seconds', p['train_seconds']) / 60:.1f} min + {r['eval_seconds'] / 60:.1f} min"
         else:
             train, wall = "none", f"{r['eval_seconds'] / 60:.1f} min (eval)"
@@ -173,15 +198,22 @@ def markdown_table(results: dict, machine: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset_path", default="/tmp/fashion_mnist",
-                        help="save_to_disk folder of benchmarks/prepare_fashion_mnist.py (made if missing)")
+    parser.add_argument(
+        "--dataset_path",
+        default="/tmp/fashion_mnist",
+        help="save_to_disk folder of benchmarks/prepare_fashion_mnist.py (made if missing)",
+    )
     parser.add_argument("--recipe_config", type=Path, default=REPO / "benchmarks/recipes/fashion-mnist-cpu.yaml")
     parser.add_argument("--work_dir", default="/tmp/esvit_fashion_mnist_quality", help="pretraining outputs")
     parser.add_argument("--results_dir", type=Path, default=REPO / "benchmarks/results")
     parser.add_argument("--name", default="fashion_mnist_cpu", help="results file stem")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-    parser.add_argument("--max_train_steps", type=int, default=None,
-                        help="pretraining steps of each run (default: the recipe's); equal for dino and esvit")
+    parser.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="pretraining steps of each run (default: the recipe's); equal for dino and esvit",
+    )
     parser.add_argument("--reuse", action="store_true", help="evaluate existing runs in work_dir instead of retraining")
     parser.add_argument("--max_train_samples", type=int, default=None, help="k-NN memory / probe subset")
     parser.add_argument("--max_eval_samples", type=int, default=None)
@@ -191,15 +223,22 @@ def main() -> None:
     parser.add_argument("--fast_epochs", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=1000, help="feature-extraction batch")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--merge_results", type=Path, nargs="*", default=[],
-                        help="JSON files of earlier runs of this script whose rows join the table")
+    parser.add_argument(
+        "--merge_results",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="JSON files of earlier runs of this script whose rows join the table",
+    )
     args = parser.parse_args()
 
     import datasets
 
     if not os.path.isdir(args.dataset_path):
-        subprocess.run([sys.executable, str(REPO / "benchmarks/prepare_fashion_mnist.py"),
-                        "--output_dir", args.dataset_path], check=True)
+        subprocess.run(
+            [sys.executable, str(REPO / "benchmarks/prepare_fashion_mnist.py"), "--output_dir", args.dataset_path],
+            check=True,
+        )
     machine = machine_description()
     print(f"machine: {machine}", flush=True)
     dataset = datasets.load_from_disk(args.dataset_path)
@@ -230,8 +269,11 @@ def main() -> None:
         if pretraining is not None:
             result["pretraining"] = pretraining
         results[row] = result
-        print(f"[{row}] k-NN top-1 {result['knn_top1']:.2f}%, linear top-1 {result['linear_top1']:.2f}% "
-              f"(extract {extract_seconds:.0f} s, probes {result['probe_seconds']:.0f} s)", flush=True)
+        print(
+            f"[{row}] k-NN top-1 {result['knn_top1']:.2f}%, linear top-1 {result['linear_top1']:.2f}% "
+            f"(extract {extract_seconds:.0f} s, probes {result['probe_seconds']:.0f} s)",
+            flush=True,
+        )
 
     for path in args.merge_results:
         for row, result in json.loads(path.read_text())["results"].items():
@@ -240,14 +282,27 @@ def main() -> None:
     table = markdown_table(results, machine)
     print(table)
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    header = (f"# Fashion-MNIST learning-quality benchmark ({args.name})\n\n"
-              f"Recipe file: `{args.recipe_config.relative_to(REPO) if args.recipe_config.is_relative_to(REPO) else args.recipe_config}`; "
-              f"train {len(train_y)} / test {len(test_y)} images; command: "
-              f"`python benchmarks/fashion_mnist_quality.py {' '.join(sys.argv[1:])}`.\n\n")
+    header = (
+        f"# Fashion-MNIST learning-quality benchmark ({args.name})\n\n"
+        f"Recipe file: `{args.recipe_config.relative_to(REPO) if args.recipe_config.is_relative_to(REPO) else args.recipe_config}`; "
+        f"train {len(train_y)} / test {len(test_y)} images; command: "
+        f"`python benchmarks/fashion_mnist_quality.py {' '.join(sys.argv[1:])}`.\n\n"
+    )
     (args.results_dir / f"{args.name}.md").write_text(header + table + "\n")
-    (args.results_dir / f"{args.name}.json").write_text(json.dumps(
-        {"machine": machine, "recipe_config": str(args.recipe_config), "num_train": len(train_y),
-         "num_test": len(test_y), "argv": sys.argv[1:], "results": results}, indent=2, default=str))
+    (args.results_dir / f"{args.name}.json").write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "recipe_config": str(args.recipe_config),
+                "num_train": len(train_y),
+                "num_test": len(test_y),
+                "argv": sys.argv[1:],
+                "results": results,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"written {args.results_dir / (args.name + '.md')} and .json")
 
 

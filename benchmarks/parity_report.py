@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from esvit import EsViTConfig, EsViTForPreTraining
-from esvit.convert_original import original_to_pretraining_state_dict
+from esvit.conversion.original import original_to_pretraining_state_dict
 
 HEADS = dict(head_out_dim=64, head_hidden_dim=64, head_bottleneck_dim=32, head_norm_last_layer=False)
 TINY = dict(hidden_sizes=(8, 16, 32, 64), num_heads=(1, 2, 2, 4), drop_path_rate=0.0, **HEADS)
@@ -84,7 +84,7 @@ def model_rows(folder: Path, manifest: dict, inputs: dict, name: str) -> list[tu
 
 @torch.no_grad()
 def loss_row(folder: Path, manifest: dict, inputs: dict) -> tuple[float, float]:
-    from esvit.loss import EsViTLoss
+    from esvit.training.loss import EsViTLoss
 
     config = EsViTConfig(**CONFIGS["swin_tiny_w7"])
     model = EsViTForPreTraining(config)
@@ -110,8 +110,10 @@ def main() -> None:
         for model_name, key, diff in model_rows(folder, manifest, inputs, name):
             print(f"| {model_name} | {key} | {diff:.2e} |")
     ours, ref = loss_row(folder, manifest, inputs)
-    print(f"\nend-to-end EsViT loss (tiny Swin W7, epoch 0): ours {ours:.9f}, original {ref:.9f}, "
-          f"relative diff {abs(ours - ref) / abs(ref):.1e}")
+    print(
+        f"\nend-to-end EsViT loss (tiny Swin W7, epoch 0): ours {ours:.9f}, original {ref:.9f}, "
+        f"relative diff {abs(ours - ref) / abs(ref):.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,16 @@ import numpy as np
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # where the Debian package installs the files
 CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 FILES = {"train": "train", "test": "t10k"}
 _IDX_UBYTE = 0x08
@@ -72,8 +81,9 @@ def main() -> None:
     parser.add_argument("--output_dir", required=True, help="where to save_to_disk the DatasetDict")
     args = parser.parse_args()
     if not os.path.isdir(args.source_dir):
-        raise SystemExit(f"{args.source_dir} not found: install the Debian package dataset-fashion-mnist "
-                         "or pass --source_dir.")
+        raise SystemExit(
+            f"{args.source_dir} not found: install the Debian package dataset-fashion-mnist or pass --source_dir."
+        )
     start = time.perf_counter()
     dataset = build_dataset_dict(args.source_dir)
     dataset.save_to_disk(args.output_dir)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Weighted k-NN on raw pixels: the floor any learned feature must beat.
 
-Runs `esvit.knn.knn_classify` (DINO's weighted k-NN: cosine similarity, votes exp(s / T)) with
+Runs `esvit.evaluation.knn.knn_classify` (DINO's weighted k-NN: cosine similarity, votes exp(s / T)) with
 the flattened pixels of each image as its feature. On Fashion-MNIST (prepared by
 `benchmarks/prepare_fashion_mnist.py`) k = 20, T = 0.07 gives about 84.6% top-1 on the 10,000 test
 images (about 86.1% after removing the mean training image).
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from esvit.knn import knn_classify  # noqa: E402
+from esvit.evaluation.knn import knn_classify  # noqa: E402
 
 
 def pixels_and_labels(split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,11 +56,21 @@ def main() -> None:
     load_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    results = knn_classify(train_x, train_y, test_x, test_y, num_classes, ks=args.k,
-                           temperature=args.temperature, batch_size=args.batch_size)
+    results = knn_classify(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes,
+        ks=args.k,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+    )
     knn_s = time.perf_counter() - start
-    print(f"{len(train_x)} train / {len(test_x)} test images, {train_x.shape[1]} pixels, "
-          f"{'mean removed' if args.center else 'raw'}; T={args.temperature}")
+    print(
+        f"{len(train_x)} train / {len(test_x)} test images, {train_x.shape[1]} pixels, "
+        f"{'mean removed' if args.center else 'raw'}; T={args.temperature}"
+    )
     for k, scores in results.items():
         print(f"k={k}: top-1 {scores['top1']:.2f}%  top-5 {scores.get('top5', float('nan')):.2f}%")
     print(f"wall time: load {load_s:.1f} s, k-NN {knn_s:.1f} s ({torch.get_num_threads()} threads)")

@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from esvit.loss import EsViTLoss
+from esvit.training.loss import EsViTLoss
 
 
 def make_inputs(args: argparse.Namespace, device: torch.device):

@@ -3,7 +3,7 @@
 Importing the package registers the `esvit` model type with transformers' Auto classes, so that
 `AutoConfig`, `AutoModel`, `AutoBackbone` and `AutoModelForPreTraining` load EsViT folders without
 `trust_remote_code`. Training-only modules (loss, augmentation, schedules, data) are imported
-explicitly (`from esvit.loss import EsViTLoss`), never from here.
+explicitly (`from esvit.training.loss import EsViTLoss`), never from here.
 """
 
 from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForPreTraining

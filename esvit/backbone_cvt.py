@@ -102,9 +102,7 @@ class CvtWindowAttention(nn.Module):
         )
         self.proj_out = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, attn_implementation: str = "sdpa"
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, attn_implementation: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, height, width, dim = x.shape
         # Small maps (e.g. 6x6 and 3x3 in the last stages of a 96-px crop) form one smaller window.
         window = min(self.window_size, height, width)
@@ -176,9 +174,7 @@ class CvtStage(nn.Module):
             padding=config.patch_padding[index],
             eps=config.layer_norm_eps,
         )
-        self.blocks = nn.ModuleList(
-            CvtBlock(config, dim, config.num_heads[index], rate) for rate in drop_paths
-        )
+        self.blocks = nn.ModuleList(CvtBlock(config, dim, config.num_heads[index], rate) for rate in drop_paths)
 
 
 class CvtEncoder(nn.Module):

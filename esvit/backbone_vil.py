@@ -238,7 +238,6 @@ class VilSparseAttention(nn.Module):
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.attention_dropout = config.attention_probs_dropout_prob
         self.relative = relative
-        w2 = self.window**2
         if relative:
             self.relative_position_bias_table = nn.Parameter(torch.zeros((4 * self.window - 1) ** 2, num_heads))
             if num_global_tokens:
@@ -538,18 +537,14 @@ class VilEncoder(nn.Module):
             g = config.vil_num_global_tokens[i]
             sparse = config.vil_attention_types[i] == "longformer"
             embeddings = VilEmbeddings(config, in_channels, dim, patch, g, grid)
-            blocks = [
-                VilBlock(config, dim, heads, g, sparse, grid, rates[start + j]) for j in range(depth)
-            ]
+            blocks = [VilBlock(config, dim, heads, g, sparse, grid, rates[start + j]) for j in range(depth)]
             stages.append(VilStage(embeddings, blocks))
             in_channels, start = dim, start + depth
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(config.last_hidden_size, eps=config.layer_norm_eps)
-        self.num_sparse_blocks = sum(
-            d for d, t in zip(config.depths, config.vil_attention_types) if t == "longformer"
-        )
+        self.num_sparse_blocks = sum(d for d, t in zip(config.depths, config.vil_attention_types) if t == "longformer")
 
-    def manual_seed(self, seed: int) -> "VilEncoder":
+    def manual_seed(self, seed: int) -> VilEncoder:
         """Make the random neighbour choice reproducible: a fresh CPU generator seeded with `seed`."""
         self.generator = torch.Generator().manual_seed(seed)
         return self

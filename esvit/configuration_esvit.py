@@ -173,9 +173,7 @@ class EsViTConfig(BackboneConfigMixin, PreTrainedConfig):
                 raise ValueError(f"every entry of {name} must be positive, got {tuple(getattr(self, name))}.")
         for i, (width, heads) in enumerate(zip(self.hidden_sizes, self.num_heads)):
             if width % heads != 0:
-                raise ValueError(
-                    f"stage {i + 1}: hidden size {width} is not divisible by its {heads} attention heads."
-                )
+                raise ValueError(f"stage {i + 1}: hidden size {width} is not divisible by its {heads} attention heads.")
         if self.image_size <= 0 or self.window_size <= 0:
             raise ValueError("image_size and window_size must be positive.")
         if self.mlp_ratio <= 0:
@@ -221,7 +219,7 @@ class EsViTConfig(BackboneConfigMixin, PreTrainedConfig):
 
     # --------------------------------------------------------------------------------- presets
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "EsViTConfig":
+    def from_preset(cls, name: str, **overrides) -> EsViTConfig:
         """Build the configuration of a released architecture, e.g. ``"swin-tiny-w7"``."""
         if name not in PRESETS:
             raise ValueError(f"unknown EsViT preset {name!r}; known presets: {', '.join(sorted(PRESETS))}.")

@@ -226,9 +226,7 @@ class EsViTModel(EsViTPreTrainedModel):
         output_hidden_states = bool(
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        output_attentions = bool(
-            output_attentions if output_attentions is not None else self.config.output_attentions
-        )
+        output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
         enc = self._encode(pixel_values, output_hidden_states, output_attentions)
         hidden_states = feature_maps = None
         if output_hidden_states:

@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoModelForPreTraining
 
 import esvit  # noqa: F401  (registers the Auto classes)
 from esvit import EsViTConfig
-from esvit.convert_original import convert_checkpoint, infer_preset, load_original_checkpoint, main
+from esvit.conversion.original import convert_checkpoint, infer_preset, load_original_checkpoint, main
 
 TINY_SWIN = dict(
     backbone_type="swin",

@@ -10,7 +10,7 @@ from conftest import load_reference_state_dict
 
 from esvit.backbone_cvt import CvtEncoder
 from esvit.configuration_esvit import EsViTConfig
-from esvit.convert_cvt import original_cvt_to_esvit
+from esvit.conversion.cvt import original_cvt_to_esvit
 from esvit.modeling_esvit import EsViTModel
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -104,7 +104,9 @@ def test_model_matches_original(reference_dir, reference_manifest, reference_inp
     with torch.no_grad():
         for view, suffix in (("global_view1", "global"), ("local_view1", "local")):
             out = model(reference_inputs[view])
-            check_against_reference(f"pooled_{suffix}", out.pooler_output, reference_outputs[f"pooled_{suffix}"], "model")
+            check_against_reference(
+                f"pooled_{suffix}", out.pooler_output, reference_outputs[f"pooled_{suffix}"], "model"
+            )
             check_against_reference(
                 f"region_{suffix}", out.last_hidden_state, reference_outputs[f"region_{suffix}"], "model"
             )
@@ -254,4 +256,6 @@ def test_pretraining_heads_match_original(reference_dir, reference_manifest, ref
 
     check_against_reference("mc_head_cls", out.view_logits, reference_outputs["mc_head_cls"], "pretraining")
     check_against_reference("mc_head_dense", flat(out.region_logits), reference_outputs["mc_head_dense"], "pretraining")
-    check_against_reference("mc_region_fea", flat(out.region_features), reference_outputs["mc_region_fea"], "pretraining")
+    check_against_reference(
+        "mc_region_fea", flat(out.region_features), reference_outputs["mc_region_fea"], "pretraining"
+    )

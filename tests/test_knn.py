@@ -1,4 +1,4 @@
-"""Weighted k-NN (esvit.knn) against hand-computed votes and an explicit-loop reference."""
+"""Weighted k-NN (esvit.evaluation.knn) against hand-computed votes and an explicit-loop reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from esvit.knn import knn_classify, knn_vote
+from esvit.evaluation.knn import knn_classify, knn_vote
 
 
 def _toy():
@@ -36,8 +36,15 @@ def test_temperature_decides_between_one_close_and_two_far_neighbours():
     assert sharp == {1: {"top1": 100.0}, 3: {"top1": 100.0}}  # no top5 with 2 classes
     assert flat == {1: {"top1": 100.0}, 3: {"top1": 0.0}}
     # Features are L2-normalised first: rescaling the rows changes nothing.
-    scaled = knn_classify(train * torch.tensor([[5.0], [0.1], [3.0], [7.0]]), train_labels, 9 * test,
-                          torch.tensor([0]), num_classes=2, ks=(1, 3), temperature=10.0)
+    scaled = knn_classify(
+        train * torch.tensor([[5.0], [0.1], [3.0], [7.0]]),
+        train_labels,
+        9 * test,
+        torch.tensor([0]),
+        num_classes=2,
+        ks=(1, 3),
+        temperature=10.0,
+    )
     assert scaled == flat
 
 
@@ -77,8 +84,10 @@ def test_matches_explicit_loops_with_ragged_chunks():
         expected = _explicit_knn(train, train_labels, test, test_labels, num_classes, k, 0.3)
         assert got[k] == pytest.approx(expected), k
     # The chunk size only bounds memory.
-    assert knn_classify(train, train_labels, test, test_labels, num_classes, ks=ks, temperature=0.3,
-                        batch_size=1000) == got
+    assert (
+        knn_classify(train, train_labels, test, test_labels, num_classes, ks=ks, temperature=0.3, batch_size=1000)
+        == got
+    )
     assert 0.0 < got[1]["top1"] < 100.0  # the reference exercises both outcomes
 
 

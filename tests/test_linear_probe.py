@@ -1,4 +1,4 @@
-"""Linear-probe pieces (esvit.linear_probe) and feature extraction order (esvit.features)."""
+"""Linear-probe pieces (esvit.evaluation.linear_probe) and feature extraction order (esvit.evaluation.features)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from esvit.features import extract_features
-from esvit.linear_probe import (
+from esvit.evaluation.features import extract_features
+from esvit.evaluation.linear_probe import (
     LinearClassifier,
     cosine_epoch_schedule,
     evaluate_on_features,
@@ -89,8 +89,17 @@ def test_training_on_features_separates_blobs():
 def test_sweep_picks_the_best_lr_on_held_out_train_features():
     train_x, train_y = _blobs(40, seed=0)
     test_x, test_y = _blobs(25, seed=1)
-    result = fast_linear_probe(train_x, train_y, test_x, test_y, num_classes=4, lrs=(1e-7, 3.0, 1e-6),
-                               epochs=5, batch_size=16, holdout_fraction=0.25)
+    result = fast_linear_probe(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes=4,
+        lrs=(1e-7, 3.0, 1e-6),
+        epochs=5,
+        batch_size=16,
+        holdout_fraction=0.25,
+    )
     # The tiny rates leave the probe at its near-random init; 3.0 separates the blobs.
     assert set(result.sweep) == {1e-7, 1e-6, 3.0}
     assert result.sweep[3.0] == 100.0 and max(result.sweep[1e-7], result.sweep[1e-6]) < 60.0
@@ -99,8 +108,9 @@ def test_sweep_picks_the_best_lr_on_held_out_train_features():
     # The reported test score is that of the classifier retrained on all train features.
     assert evaluate_on_features(result.classifier, test_x, test_y) == result.test
     # Ties go to the smaller rate.
-    tie = fast_linear_probe(train_x, train_y, test_x, test_y, num_classes=4, lrs=(3.0, 1.0), epochs=5,
-                            batch_size=16, holdout_fraction=0.25)
+    tie = fast_linear_probe(
+        train_x, train_y, test_x, test_y, num_classes=4, lrs=(3.0, 1.0), epochs=5, batch_size=16, holdout_fraction=0.25
+    )
     assert tie.sweep[1.0] == tie.sweep[3.0] == 100.0 and tie.best_lr == 1.0
 
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from conftest import load_reference_state_dict
 from safetensors.torch import load_file
 
-from esvit.loss import EsViTLoss, convert_original_loss_state_dict, matched_region_cross_entropy
+from esvit.conversion.original import convert_original_loss_state_dict
+from esvit.training.loss import EsViTLoss, matched_region_cross_entropy
 
 LOSS_RTOL = 1e-6
 
@@ -282,7 +283,7 @@ def test_centres_are_averaged_over_processes(tmp_path):
 
 def test_end_to_end_tiny_swin_matches_original(reference_dir, reference_manifest, reference_inputs):
     from esvit.configuration_esvit import EsViTConfig
-    from esvit.convert_swin import original_swin_to_esvit
+    from esvit.conversion.swin import original_swin_to_esvit
     from esvit.modeling_esvit import EsViTForPreTraining
 
     meta = json.loads((reference_dir / "loss_fixture.json").read_text())["end_to_end_swin_tiny_w7"]
@@ -326,7 +327,7 @@ def test_one_training_step_moves_the_student_and_the_teacher():
     """Loss, param groups, clipping, last-layer freezing and the EMA together on a tiny model."""
     from esvit.configuration_esvit import EsViTConfig
     from esvit.modeling_esvit import EsViTForPreTraining
-    from esvit.optim import cancel_last_layer_gradients, clip_gradients, get_param_groups, update_teacher
+    from esvit.training.optim import cancel_last_layer_gradients, clip_gradients, get_param_groups, update_teacher
 
     torch.manual_seed(0)
     config = EsViTConfig(
@@ -371,7 +372,7 @@ def test_one_training_step_moves_the_student_and_the_teacher():
 def test_deferred_centre_update_equals_one_large_batch():
     """Gradient accumulation: micro-batches with update_centers=False, then step_centers(), move
     the centres exactly as one call on the whole batch does (and the loss values are unchanged)."""
-    from esvit.loss import EsViTLoss
+    from esvit.training.loss import EsViTLoss
 
     tokens = [4, 4, 2, 2]
     student, teacher = random_outputs(4, tokens, out_dim=16, feat_dim=8, grad=False)

@@ -93,9 +93,9 @@ def test_config_rejects_bad_values(overrides, message):
 
 
 def test_config_rejects_wrong_type():
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017  (huggingface_hub's StrictDataclassFieldValidationError)
         EsViTConfig(depths="2,2,6,2")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017
         EsViTConfig(window_size=7.5)
 
 

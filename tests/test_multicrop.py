@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from esvit.multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation
+from esvit.images import IMAGENET_MEAN, IMAGENET_STD
+from esvit.training.multicrop import MultiCropAugmentation
 
 NO_PHOTOMETRY = dict(
     flip_prob=0.0, color_jitter_prob=0.0, grayscale_prob=0.0, blur_probs=(0.0, 0.0, 0.0), solarize_prob=0.0

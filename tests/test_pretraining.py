@@ -1,4 +1,4 @@
-"""Pretraining driver: data loading (`esvit.pretraining_data`) and `run_pretraining.py` end to end.
+"""Pretraining driver: data loading (`esvit.training.data`) and `run_pretraining.py` end to end.
 
 The end-to-end tests run the real script in subprocesses on a 20-image slice of the embedded
 Fashion-MNIST sample with a micro Swin, and compare final teacher weights and loss centres:
@@ -21,19 +21,19 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import datasets
-from esvit.pretraining_data import (
+from esvit.images import decode_image
+from esvit.training.data import (
     EMBEDDED_DATASET,
     DataArguments,
     MultiCropCollator,
     build_augmentation,
     build_pretraining_loader,
-    decode_image,
     load_pretraining_images,
 )
 
@@ -244,7 +244,7 @@ def test_corrupt_images_are_skipped_counted_and_named(tmp_path, caplog):
     dataset.to_parquet(str(path))
     loaded = load_pretraining_images(DataArguments(train_files=[str(path)], **TINY_AUG))
     collator = MultiCropCollator(build_augmentation(DataArguments(**TINY_AUG)), seed=0)
-    with caplog.at_level(logging.WARNING, logger="esvit.pretraining_data"):
+    with caplog.at_level(logging.WARNING, logger="esvit.training.data"):
         batch = collator([{"image": loaded[i]["image"], "row": i} for i in range(len(loaded))])
     assert batch["num_skipped"] == 2
     assert batch["skipped"] == ["row 1", "broken/garbage.jpg (row 2)"]
@@ -312,7 +312,7 @@ def test_argument_precedence_recipe_file_command_line(tmp_path):
 
 
 def test_every_recipe_parses():
-    from esvit.recipes import RECIPES
+    from esvit.training.recipes import RECIPES
 
     script = _import_script()
     three_stage = {"fashion-mnist-cpu"}  # 28-px images: 14x14 tokens leave room for 3 stages
@@ -467,8 +467,9 @@ def test_embedded_default_run_loads_with_automodel(hf_home, tmp_path):
     assert summary["recipe"] == "tiny-cpu-default" and summary["global_step"] == 4
     assert summary["skipped_images"] == 0 and summary["images_seen"] == 4 * 25
 
-    import esvit  # noqa: F401  (registers the model type)
     from transformers import AutoImageProcessor, AutoModel
+
+    import esvit  # noqa: F401  (registers the model type)
 
     model = AutoModel.from_pretrained(output_dir / "model")
     processor = AutoImageProcessor.from_pretrained(output_dir / "model")

@@ -49,9 +49,24 @@ def _run(args: list[str], num_processes: int, timeout: int = 240) -> None:
     else:
         # `--num_processes 2 --cpu` would silently start ONE process; `--multi_gpu` with the script's
         # Accelerator(cpu=True) gives a real 2-process gloo group on a CPU-only machine.
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                   "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(SCRIPT), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(num_processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            str(SCRIPT),
+            *args,
+        ]
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, (
         f"{' '.join(command)}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-6000:]}"
@@ -71,11 +86,38 @@ def tiny_setup(tmp_path_factory):
 
 
 def _common_args(root: Path, out: str, protocol: str) -> list[str]:
-    return ["--model_name_or_path", str(root / "model"), "--dataset_name", str(root / "images"),
-            "--cache_dir", str(root / "cache"), "--output_dir", str(root / out), "--protocol", protocol,
-            "--cpu", "--per_device_batch_size", "5", "--dataloader_num_workers", "0", "--save_features",
-            "--nb_knn", "1", "5", "10", "100", "--fast_epochs", "15", "--fast_lrs", "0.001", "1.0",
-            "--holdout_fraction", "0.25", "--epochs", "2"]
+    return [
+        "--model_name_or_path",
+        str(root / "model"),
+        "--dataset_name",
+        str(root / "images"),
+        "--cache_dir",
+        str(root / "cache"),
+        "--output_dir",
+        str(root / out),
+        "--protocol",
+        protocol,
+        "--cpu",
+        "--per_device_batch_size",
+        "5",
+        "--dataloader_num_workers",
+        "0",
+        "--save_features",
+        "--nb_knn",
+        "1",
+        "5",
+        "10",
+        "100",
+        "--fast_epochs",
+        "15",
+        "--fast_lrs",
+        "0.001",
+        "1.0",
+        "--holdout_fraction",
+        "0.25",
+        "--epochs",
+        "2",
+    ]
 
 
 @pytest.mark.slow
@@ -101,7 +143,8 @@ def test_one_and_two_processes_agree(tiny_setup):
             torch.testing.assert_close(f2[kind], f1[kind], rtol=1e-5, atol=1e-5)
     # ... and in dataset order: recompute a few rows directly.
     from esvit import EsViTModel
-    from esvit.eval_data import build_eval_transform, load_labelled_split, to_rgb
+    from esvit.evaluation.data import build_eval_transform, load_labelled_split
+    from esvit.images import to_rgb
 
     split = load_labelled_split(str(root / "images"), "train", cache_dir=str(root / "cache"))
     model = EsViTModel.from_pretrained(root / "model").eval()
@@ -139,17 +182,21 @@ def test_one_and_two_processes_agree(tiny_setup):
 
 
 def test_eval_data_mode_handling_and_sizes(tiny_setup):
-    from esvit.eval_data import (
+    from esvit.evaluation.data import (
         LabelledImageDataset,
         build_eval_transform,
         build_train_transform,
         collate_labelled,
         load_labelled_split,
-        to_rgb,
     )
+    from esvit.images import to_rgb
 
-    split = load_labelled_split(str(tiny_setup / "images"), ("validation", "test"),
-                                cache_dir=str(tiny_setup / "cache"), class_names=["bright", "dark"])
+    split = load_labelled_split(
+        str(tiny_setup / "images"),
+        ("validation", "test"),
+        cache_dir=str(tiny_setup / "cache"),
+        class_names=["bright", "dark"],
+    )
     assert split.name == "validation" and split.num_classes == 2 and len(split) == 12
     assert {split.dataset[i]["image"].mode for i in range(len(split))} == set(MODES)
     batch = collate_labelled([LabelledImageDataset(split, build_eval_transform(IMAGE_SIZE))[i] for i in range(4)])

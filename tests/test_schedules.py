@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from esvit.heads import DINOHead
-from esvit.optim import cancel_last_layer_gradients, clip_gradients, get_param_groups, update_teacher
-from esvit.schedules import build_schedules, cosine_schedule, teacher_temp_schedule
+from esvit.training.optim import cancel_last_layer_gradients, clip_gradients, get_param_groups, update_teacher
+from esvit.training.schedules import build_schedules, cosine_schedule, teacher_temp_schedule
 
 
 @pytest.fixture(scope="module")

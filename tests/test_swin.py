@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from esvit.backbone_swin import SwinEncoder, shift_window_mask, window_merge, window_partition
 from esvit.configuration_esvit import PRESETS, EsViTConfig
-from esvit.convert_swin import is_derived_buffer, original_swin_to_esvit
+from esvit.conversion.swin import is_derived_buffer, original_swin_to_esvit
 
 SWIN_TINY_REFERENCES = ("swin_tiny_w7", "swin_tiny_w14")
 # Every released (or configured) full-size Swin; swin-micro is a test-only size with no original.
@@ -80,7 +80,9 @@ def report(label: str, got: dict[str, torch.Tensor], expected: dict[str, torch.T
     diffs = {k: (got[k] - expected[k]).abs().max().item() for k in got}
     print(f"\n[{label}] max abs diff: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
     for key in got:
-        torch.testing.assert_close(got[key], expected[key], atol=ATOL, rtol=RTOL, msg=lambda m: f"{label} {key}: {m}")
+        torch.testing.assert_close(
+            got[key], expected[key], atol=ATOL, rtol=RTOL, msg=lambda m, key=key: f"{label} {key}: {m}"
+        )
 
 
 # ------------------------------------------------------------------------------------- parity
@@ -299,7 +301,7 @@ def test_shift_masks_are_cached_per_padded_size(random_encoder):
         random_encoder(torch.randn(2, 3, 96, 96))
     for block, before in zip(shifted, first):
         assert len(block.shift_mask_cache) == 1
-        (key, mask), = block.shift_mask_cache.items()
+        ((key, mask),) = block.shift_mask_cache.items()
         assert before[key] is mask  # reused, not rebuilt
     assert [k[:2] for b in shifted for k in b.shift_mask_cache] == [(28, 28), (14, 14), (7, 7)]
     with torch.no_grad():

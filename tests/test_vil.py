@@ -26,7 +26,7 @@ from esvit.backbone_vil import (
     sparse_relative_position_index,
 )
 from esvit.configuration_esvit import EsViTConfig
-from esvit.convert_vil import alias_source, key_role, original_vil_to_esvit, rename_key
+from esvit.conversion.vil import alias_source, key_role, original_vil_to_esvit, rename_key
 
 FEATURES = ("pooled_global", "region_global", "pooled_local", "region_local", "linear_n1", "linear_n4", "linear_n5")
 ATOL, RTOL = 1e-5, 1e-4
@@ -36,7 +36,7 @@ def config_from_manifest(kwargs: dict) -> EsViTConfig:
     """The EsViTConfig equivalent of the original `MsViT` constructor kwargs in the manifest."""
     assert kwargs["sharew"] and kwargs["attn_type"] == "longformerhand" and kwargs["sw_exact"] == 0
     assert not kwargs["avg_pool"] and not kwargs["only_glo"]
-    stages = [dict((field[0], int(field[1:])) for field in stage.split(",")) for stage in kwargs["arch"].split("_")]
+    stages = [{field[0]: int(field[1:]) for field in stage.split(",")} for stage in kwargs["arch"].split("_")]
     windows = {s["f"] for s in stages}
     absolute = {s["a"] for s in stages}
     assert len(windows) == 1 and len(absolute) == 1, "one window size and one position scheme for all stages"
@@ -245,7 +245,7 @@ def dense_sparse_attention(attn: VilSparseAttention, x: torch.Tensor, spatial, n
     neighbour chunks; the bias of a local pair depends on the displacement (r - r', c - c') only."""
     batch, num_tokens, dim = x.shape
     height, width = spatial
-    g, heads, w = attn.num_global_tokens, attn.num_heads, attn.window
+    _g, heads, w = attn.num_global_tokens, attn.num_heads, attn.window
     rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     rows, cols = rows.reshape(-1), cols.reshape(-1)
     d_row = rows[None, :] // w - rows[:, None] // w  # key chunk - query chunk

@@ -4,7 +4,7 @@ A single linear layer (no batch norm; weights N(0, 0.01), bias 0) is trained wit
 top of the frozen backbone, with SGD (momentum 0.9, no weight decay), a learning rate given for a
 batch of 256 and scaled linearly with the global batch, and a cosine decay to 0 over the epochs
 (one value per epoch). The feature is the concatenation of the token-averaged outputs of the last
-4 blocks (`esvit.features`).
+4 blocks (`esvit.evaluation.features`).
 
 Two ways to run it:
 
@@ -95,9 +95,7 @@ def _report_topk(num_classes: int) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------- fast protocol (cached)
-def stratified_holdout(
-    labels: torch.Tensor, fraction: float, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Split row indices into (fit, held-out), holding out `fraction` of every class.
 
     A class with a single example stays entirely in the fit part.
@@ -295,9 +293,7 @@ def train_linear_probe(
             test = _evaluate_loader(model, classifier, eval_loader, accelerator, kind, n)
             best_top1 = max(best_top1, test["top1"])
             record.update({f"test_{k}": v for k, v in test.items()})
-            accelerator.print(
-                f"epoch {epoch}: train loss {record['train_loss']:.4f}, test top-1 {test['top1']:.2f}%"
-            )
+            accelerator.print(f"epoch {epoch}: train loss {record['train_loss']:.4f}, test top-1 {test['top1']:.2f}%")
         history.append(record)
     return {
         **{k: v for k, v in test.items() if k.startswith("top")},

@@ -40,7 +40,11 @@ _RULES: tuple[tuple[re.Pattern[str], str, bool], ...] = tuple(
             False,
         ),
         (r"^stage(\d+)\.1\.layers\.(\d+)\.0\.fn\.qkv\.pw\.(weight|bias)$", r"stages.\1.blocks.\2.attn.qkv.pw.\3", True),
-        (r"^stage(\d+)\.1\.layers\.(\d+)\.0\.fn\.proj_out\.(weight|bias)$", r"stages.\1.blocks.\2.attn.proj_out.\3", True),
+        (
+            r"^stage(\d+)\.1\.layers\.(\d+)\.0\.fn\.proj_out\.(weight|bias)$",
+            r"stages.\1.blocks.\2.attn.proj_out.\3",
+            True,
+        ),
         (r"^stage(\d+)\.1\.layers\.(\d+)\.1\.norm\.(weight|bias)$", r"stages.\1.blocks.\2.norm2.\3", False),
         (r"^stage(\d+)\.1\.layers\.(\d+)\.1\.fn\.net\.0\.(weight|bias)$", r"stages.\1.blocks.\2.mlp.fc1.\3", True),
         (r"^stage(\d+)\.1\.layers\.(\d+)\.1\.fn\.net\.2\.(weight|bias)$", r"stages.\1.blocks.\2.mlp.fc2.\3", True),

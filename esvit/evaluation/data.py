@@ -23,29 +23,22 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
+import datasets
 import torch
 from PIL import Image
 from torchvision import transforms
 
-import datasets
+from ..images import IMAGENET_MEAN, IMAGENET_STD, pick_image_column, to_rgb
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "LabelledImageDataset",
     "LabelledSplit",
     "build_eval_transform",
     "build_train_transform",
     "collate_labelled",
     "load_labelled_split",
-    "to_rgb",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_IMAGE_COLUMN_GUESSES = ("image", "img", "pixel_values", "picture")
 _LABEL_COLUMN_GUESSES = ("label", "labels", "fine_label", "class", "target")
 _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
@@ -87,42 +80,6 @@ def build_train_transform(
             transforms.Normalize(mean, std),
         ]
     )
-
-
-def to_rgb(image) -> Image.Image:
-    """Any decoded image (PIL of any mode, numpy array, `datasets` dict) as an RGB PIL image."""
-    if isinstance(image, dict):  # undecoded `datasets.Image` value
-        if image.get("bytes") is not None:
-            import io
-
-            image = Image.open(io.BytesIO(image["bytes"]))
-        elif image.get("path"):
-            image = Image.open(image["path"])
-        else:
-            raise ValueError("image dict holds neither 'bytes' nor 'path'.")
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(_to_uint8(image))
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image, numpy array or datasets image dict, got {type(image).__name__}.")
-    if image.mode.startswith("I") or image.mode == "F":
-        # PIL's own conversion of 16-bit / 32-bit / float grey images to RGB clips at 255.
-        image = Image.fromarray(_to_uint8(np.asarray(image), sixteen_bit=image.mode.startswith("I;16")))
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image
-
-
-def _to_uint8(array: np.ndarray, sixteen_bit: bool = False) -> np.ndarray:
-    """8-bit copy of an image array: 16-bit integers are rescaled, floats in [0, 1] stretched."""
-    if array.dtype == np.uint8:
-        return array
-    values = array.astype(np.float64)
-    if array.dtype.kind in "ui":
-        if sixteen_bit or (array.size and array.max() > 255):
-            values = values * (255.0 / 65535.0)
-    elif array.size and 0.0 <= array.min() and array.max() <= 1.0:
-        values = values * 255.0
-    return np.clip(np.round(values), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -219,7 +176,7 @@ def load_labelled_split(
     if found is None:
         raise ValueError(f"none of the splits {candidates} exists; available: {list(source)}.")
     dataset = source[found]
-    image_column = _pick_column(dataset, image_column, _IMAGE_COLUMN_GUESSES, "image")
+    image_column = pick_image_column(dataset, image_column)
     label_column = _pick_column(dataset, label_column, _LABEL_COLUMN_GUESSES, "label")
     dataset = dataset.select_columns([image_column, label_column])
     if max_samples is not None:
@@ -263,7 +220,7 @@ class LabelledImageDataset(torch.utils.data.Dataset):
     """A `LabelledSplit` as a map-style torch dataset of `{"pixel_values", "labels", "index"}`.
 
     The row index travels with every example so that features gathered from several processes can
-    be put back in dataset order (see `esvit.features`).
+    be put back in dataset order (see `esvit.evaluation.features`).
     """
 
     def __init__(self, split: LabelledSplit, transform: Callable[[Image.Image], torch.Tensor]):

@@ -37,8 +37,8 @@ from torch import nn
 # K = 65536 that is 256 student tokens per chunk.
 DEFAULT_CHUNK_NUMEL = 1 << 24
 
-# Buffer names of the original implementation's `dino_loss` checkpoint entry -> ours.
-ORIGINAL_BUFFER_NAMES = {"center": "view_center", "center_grid": "region_center"}
+#: File of a saved pretraining folder that holds the loss state (the two centres), safetensors.
+LOSS_STATE_FILE = "esvit_loss.safetensors"
 
 
 class PreTrainingOutputLike(Protocol):
@@ -430,24 +430,9 @@ class EsViTLoss(nn.Module):
             self.region_center.mul_(m).add_(batch_region * (1 - m))
 
 
-def convert_original_loss_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the original checkpoint's `dino_loss` entry (`center`, `center_grid`) to ours.
-
-    DINO-only checkpoints carry just `center`; the region centre then starts at zero.
-    """
-    unknown = set(state) - set(ORIGINAL_BUFFER_NAMES)
-    if unknown:
-        raise KeyError(f"unexpected keys in the original loss state: {sorted(unknown)}")
-    converted = {ORIGINAL_BUFFER_NAMES[k]: v for k, v in state.items()}
-    if "region_center" not in converted and "view_center" in converted:
-        converted["region_center"] = torch.zeros_like(converted["view_center"])
-    return converted
-
-
 __all__ = [
+    "LOSS_STATE_FILE",
     "EsViTLoss",
     "EsViTLossOutput",
     "matched_region_cross_entropy",
-    "convert_original_loss_state_dict",
-    "ORIGINAL_BUFFER_NAMES",
 ]

@@ -52,9 +52,7 @@ def cosine_schedule(
     return np.concatenate((warmup, decay))
 
 
-def teacher_temp_schedule(
-    warmup_value: float, final_value: float, warmup_length: int, total_length: int
-) -> np.ndarray:
+def teacher_temp_schedule(warmup_value: float, final_value: float, warmup_length: int, total_length: int) -> np.ndarray:
     """Linear warm-up over `warmup_length` entries (inclusive of both ends), then constant.
 
     `[total_length]` float64. The original counts both lengths in epochs; `build_schedules`

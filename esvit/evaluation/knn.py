@@ -40,14 +40,14 @@ def _check_inputs(
             f"train features have dim {train_features.shape[1]} but test features have dim {test_features.shape[1]}."
         )
     if train_labels.shape != (train_features.shape[0],):
-        raise ValueError(
-            f"train_labels must have shape [{train_features.shape[0]}], got {tuple(train_labels.shape)}."
-        )
+        raise ValueError(f"train_labels must have shape [{train_features.shape[0]}], got {tuple(train_labels.shape)}.")
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}.")
     if train_labels.numel() and (int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes):
-        raise ValueError(f"train labels must lie in [0, {num_classes}); got range "
-                         f"[{int(train_labels.min())}, {int(train_labels.max())}].")
+        raise ValueError(
+            f"train labels must lie in [0, {num_classes}); got range "
+            f"[{int(train_labels.min())}, {int(train_labels.max())}]."
+        )
 
 
 def knn_vote(
@@ -104,8 +104,8 @@ def knn_classify(
     train = F.normalize(train_features.float(), dim=1)  # [N, D]
     train_labels = train_labels.to(device=device, dtype=torch.long)
     with_top5 = num_classes >= 5
-    correct1 = {k: 0 for k in ks}
-    correct5 = {k: 0 for k in ks}
+    correct1 = dict.fromkeys(ks, 0)
+    correct5 = dict.fromkeys(ks, 0)
 
     for start in range(0, test_features.shape[0], batch_size):
         queries = F.normalize(test_features[start : start + batch_size].to(device).float(), dim=1)  # [B, D]

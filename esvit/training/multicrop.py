@@ -20,15 +20,14 @@ index); the call then runs on a private generator state and leaves the ambient o
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..images import IMAGENET_MEAN, IMAGENET_STD
 
 
 class RandomGaussianBlur:
@@ -118,9 +117,7 @@ class MultiCropAugmentation:
         counts = _as_tuple(local_crops_number, "local_crops_number")
         sizes = _as_tuple(local_crop_size, "local_crop_size")
         if len(counts) != len(sizes):
-            raise ValueError(
-                f"local_crops_number {counts} and local_crop_size {sizes} must have the same length"
-            )
+            raise ValueError(f"local_crops_number {counts} and local_crop_size {sizes} must have the same length")
         if len(blur_probs) != 3:
             raise ValueError(f"blur_probs needs 3 probabilities (global 1, global 2, local), got {blur_probs}")
         if len(mean) != len(std):

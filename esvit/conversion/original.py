@@ -7,11 +7,13 @@ only for models with BatchNorm (CvT). `args` is a pickled `argparse.Namespace`, 
 with `torch.load(weights_only=True)` and an allow-list of exactly that class: no arbitrary objects
 are ever unpickled.
 
-Usage:
-    python -m esvit.convert_original checkpoint.pth out/esvit-swin-tiny-w7 --preset swin-tiny-w7
-    # writes out/.../model (EsViTModel) and out/.../pretraining (EsViTForPreTraining, with heads)
+Usage (the console script `esvit-convert` is `python -m esvit.conversion.original`):
+    esvit-convert checkpoint.pth out/esvit-swin-tiny-w7 --preset swin-tiny-w7
+    # writes out/.../model (EsViTModel) and out/.../pretraining (EsViTForPreTraining, with heads
+    # and, when the checkpoint has them, the loss centres)
 
-The family-specific key maps are pure functions in `convert_swin`, `convert_vil`, `convert_cvt`.
+The family-specific key maps are pure functions in `conversion.swin`, `conversion.vil`,
+`conversion.cvt`.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from .configuration_esvit import EsViTConfig
-from .convert_cvt import original_cvt_to_esvit
-from .convert_swin import original_swin_to_esvit
-from .convert_vil import original_vil_to_esvit
-from .modeling_esvit import EsViTForPreTraining
+from ..configuration_esvit import EsViTConfig
+from ..modeling_esvit import EsViTForPreTraining
+from ..training.loss import LOSS_STATE_FILE
+from .cvt import original_cvt_to_esvit
+from .swin import original_swin_to_esvit
+from .vil import original_vil_to_esvit
 
 BACKBONE_CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "swin": original_swin_to_esvit,
@@ -35,6 +38,9 @@ BACKBONE_CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "cvt": original_cvt_to_esvit,
 }
 HEAD_PREFIXES = ("head.", "head_dense.")
+
+#: Buffer names of the original checkpoint's `dino_loss` entry -> those of `EsViTLoss`.
+ORIGINAL_BUFFER_NAMES = {"center": "view_center", "center_grid": "region_center"}
 
 #: `--arch` values of the original training script and the preset each one builds.
 ARCH_TO_PRESET = {
@@ -97,7 +103,9 @@ def convert_checkpoint(
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}.")
     if which not in checkpoint:
         raise ValueError(f"the checkpoint has no {which!r} entry; its keys are {sorted(checkpoint)}.")
-    head_shape = checkpoint[which].get("head.last_layer.weight_v", checkpoint[which].get("module.head.last_layer.weight_v"))
+    head_shape = checkpoint[which].get(
+        "head.last_layer.weight_v", checkpoint[which].get("module.head.last_layer.weight_v")
+    )
     if head_shape is not None and tuple(head_shape.shape) != (config.head_out_dim, config.head_bottleneck_dim):
         raise ValueError(
             f"the checkpoint's head maps {head_shape.shape[1]} -> {head_shape.shape[0]} but the config "
@@ -118,6 +126,20 @@ def convert_checkpoint(
     return model.eval()
 
 
+def convert_original_loss_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the original checkpoint's `dino_loss` entry (`center`, `center_grid`) to ours.
+
+    DINO-only checkpoints carry just `center`; the region centre then starts at zero.
+    """
+    unknown = set(state) - set(ORIGINAL_BUFFER_NAMES)
+    if unknown:
+        raise KeyError(f"unexpected keys in the original loss state: {sorted(unknown)}")
+    converted = {ORIGINAL_BUFFER_NAMES[k]: v for k, v in state.items()}
+    if "region_center" not in converted and "view_center" in converted:
+        converted["region_center"] = torch.zeros_like(converted["view_center"])
+    return converted
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="original checkpoint.pth")
@@ -129,17 +151,31 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     checkpoint = load_original_checkpoint(args.checkpoint)
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get(args.which), Mapping):
+        keys = sorted(checkpoint)[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        parser.error(
+            f"{args.checkpoint} is not a checkpoint of the original training script: it has no {args.which!r} "
+            f"network (its top-level keys: {keys}). A plain state dict is not supported; the script writes "
+            "{'student', 'teacher', 'optimizer', 'epoch', 'args', 'dino_loss', ...}."
+        )
     preset = args.preset or infer_preset(checkpoint)
     if preset is None:
         parser.error("cannot infer the architecture from the checkpoint; pass --preset")
     config = EsViTConfig.from_preset(preset, drop_path_rate=0.0)
-    weight_v = checkpoint[args.which].get("head.last_layer.weight_v", checkpoint[args.which].get("module.head.last_layer.weight_v"))
+    weight_v = checkpoint[args.which].get(
+        "head.last_layer.weight_v", checkpoint[args.which].get("module.head.last_layer.weight_v")
+    )
     if weight_v is not None:
         config.head_out_dim, config.head_bottleneck_dim = (int(s) for s in weight_v.shape)
     model = convert_checkpoint(checkpoint, config, args.which)
     out = Path(args.output_dir)
     model.save_pretrained(out / "pretraining")
     model.esvit.save_pretrained(out / "model")
+    if isinstance(checkpoint.get("dino_loss"), Mapping):
+        from safetensors.torch import save_file
+
+        centres = convert_original_loss_state_dict(dict(checkpoint["dino_loss"]))
+        save_file({k: v.contiguous() for k, v in centres.items()}, str(out / "pretraining" / LOSS_STATE_FILE))
     print(f"wrote {out / 'model'} (EsViTModel) and {out / 'pretraining'} (EsViTForPreTraining), preset {preset}")
     if args.push_to_hub:
         if not args.hub_model_id:

@@ -1,7 +1,7 @@
 """Unlabelled images for EsViT pretraining, read through 🤗 `datasets`, cut into multi-crop batches.
 
 EsViT (Li et al., ICLR 2022, arXiv:2106.09785) trains on images alone: each image becomes two
-global and N local crops (`esvit.multicrop`), and a batch is one `[B, 3, h, w]` tensor per crop.
+global and N local crops (`esvit.training.multicrop`), and a batch is one `[B, 3, h, w]` tensor per crop.
 
 Sources (`load_pretraining_images`): a Hub dataset (name, config, split, image column), a local
 image folder (`imagefolder`), parquet / arrow / image files, a `save_to_disk` folder, or, with
@@ -34,7 +34,6 @@ Sharding across processes happens exactly once (`build_pretraining_loader`):
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import struct
@@ -43,20 +42,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
-
 import datasets
+import torch
 
-from .eval_data import to_rgb
+from ..images import UndecodableImage, decode_image, pick_image_column, read_image_bytes
 from .multicrop import MultiCropAugmentation
 
 logger = logging.getLogger(__name__)
 
 #: The default training data: 500 Fashion-MNIST train images (see `esvit/data/README.md`).
-EMBEDDED_DATASET = Path(__file__).resolve().parent / "data" / "fashion_mnist_500.parquet"
+EMBEDDED_DATASET = Path(__file__).resolve().parents[1] / "data" / "fashion_mnist_500.parquet"
 
-IMAGE_COLUMN_GUESSES = ("image", "img", "images", "picture", "pixel_values")
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -200,58 +196,7 @@ def _builder_for_files(files: Sequence[str]) -> str:
     return builders.pop()
 
 
-def pick_image_column(dataset: datasets.Dataset | datasets.IterableDataset, wanted: str | None) -> str:
-    """The image column: `wanted`, else the first `datasets.Image` column, else a usual name."""
-    features = dataset.features
-    names = list(features) if features is not None else list(dataset.column_names or [])
-    if wanted is not None:
-        if wanted not in names:
-            raise ValueError(f"image column {wanted!r} not found; columns are {names}.")
-        return wanted
-    if features is not None:
-        for name, feature in features.items():
-            if isinstance(feature, datasets.Image):
-                return name
-    for guess in IMAGE_COLUMN_GUESSES:
-        if guess in names:
-            return guess
-    raise ValueError(f"no image column among {names}; name it with --image_column.")
-
-
-# ------------------------------------------------------------------------------------ decoding
-class UndecodableImage(Exception):
-    """An image whose bytes cannot be read or decoded."""
-
-
-def read_image_bytes(value: dict | bytes | str) -> bytes:
-    """The encoded bytes of an undecoded `datasets.Image` value (bytes, or a local / remote path)."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, dict) and value.get("bytes") is not None:
-        return value["bytes"]
-    path = value if isinstance(value, str) else value.get("path")
-    if not path:
-        raise UndecodableImage("the value holds neither bytes nor a path")
-    # `xopen` reads local files and the remote paths of streamed datasets (hf://, zip://...::https://).
-    from datasets.utils.file_utils import xopen
-
-    with xopen(path, "rb") as f:
-        return f.read()
-
-
-def decode_image(raw: bytes) -> Image.Image:
-    """Decode fully (no lazy loading, so truncated files fail here) and convert to RGB.
-
-    Modes L, P, RGBA, CMYK, I;16, I, F, ... all become 8-bit RGB (see `eval_data.to_rgb`).
-    """
-    try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-        return to_rgb(image)
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ... per format
-        raise UndecodableImage(f"{type(err).__name__}: {err}") from err
-
-
+# ------------------------------------------------------------------------------------ identity
 def content_key(raw: bytes) -> int:
     """A 63-bit identity of an image: a hash of its encoded bytes (fits an int64 tensor)."""
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 1
@@ -314,7 +259,7 @@ class MultiCropCollator:
             try:
                 raw = read_image_bytes(example["image"])
                 image = decode_image(raw)
-            except (UndecodableImage, OSError) as err:
+            except UndecodableImage as err:
                 name = describe_example(example)
                 logger.warning("Skipping image %s: it cannot be decoded (%s).", name, err)
                 skipped.append(name)

@@ -89,8 +89,7 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
     if len(student_params) != len(teacher_items) or any(n not in student_params for n, _ in teacher_items):
         missing = sorted({n for n, _ in teacher_items} ^ set(student_params))[:5]
         raise ValueError(
-            "student and teacher parameters differ (unwrap the student from DDP/accelerate first); "
-            f"e.g. {missing}"
+            f"student and teacher parameters differ (unwrap the student from DDP/accelerate first); e.g. {missing}"
         )
     teacher_tensors = [p for _, p in teacher_items]
     student_tensors = [student_params[n].detach() for n, _ in teacher_items]

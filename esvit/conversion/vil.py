@@ -63,7 +63,7 @@ _DERIVED_KEY = re.compile(r"^layer[1-9]\.\d+\.attn\.relative_position_index$")
 
 
 def key_role(key: str) -> str:
-    """"alias" (a `*_global` duplicate), "derived" (an index buffer) or "weight" (converted)."""
+    """ "alias" (a `*_global` duplicate), "derived" (an index buffer) or "weight" (converted)."""
     if _ALIAS_KEY.match(key):
         return "alias"
     if _DERIVED_KEY.match(key):

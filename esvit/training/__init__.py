@@ -1,0 +1,43 @@
+"""EsViT pretraining: everything `run_pretraining.py` is built from. Never imported by the model.
+
+Li et al., "Efficient Self-supervised Vision Transformers for Representation Learning" (ICLR 2022,
+arXiv:2106.09785). One module per concept:
+
+* `arguments`: the command-line / YAML arguments (model, data, training) and their parsing;
+* `recipes`: named argument sets (the released ImageNet runs, small-image runs);
+* `data`: unlabelled images through `datasets`, sharded once over the processes;
+* `multicrop`: the 2 global + N local crop augmentation;
+* `centering`: the EMA centres of the teacher outputs (DINO's collapse-avoidance statistic);
+* `loss`: teacher targets, region matching and the view + region cross-entropy;
+* `schedules`: learning rate, weight decay, teacher momentum and temperature per step;
+* `optim`: parameter groups, clipping, last-layer freeze, the EMA teacher update;
+* `pretrainer`: `EsViTPretrainer`, one training step as an object (`train_step`, `update_teacher`);
+* `checkpointing`: resumable checkpoints written and read without unpickling arbitrary objects;
+* `monitoring`: metric windows, the collapse warning, the periodic k-NN monitor;
+* `hub`: saved model folders, model cards and the Hub upload.
+
+Imports here are lazy, so `import esvit.training.loss` does not pull in accelerate or datasets.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "EsViTLoss": "loss",
+    "EsViTLossOutput": "loss",
+    "EsViTPretrainer": "pretrainer",
+    "PretrainingSchedules": "schedules",
+    "build_schedules": "schedules",
+    "MultiCropAugmentation": "multicrop",
+    "get_recipe": "recipes",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)
