@@ -30,14 +30,14 @@ def test_default_recipe_layout():
 
 def test_small_image_recipe_and_several_local_sizes():
     aug = MultiCropAugmentation(
-        global_crop_size=32, local_crops_number=(2, 3), local_crop_size=(16, 8), blur_probs=(0.0, 0.0, 0.0)
+        global_crop_size=32, num_local_crops=(2, 3), local_crop_size=(16, 8), blur_probs=(0.0, 0.0, 0.0)
     )
     crops = aug(noise_image(), seed=1)
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2 + [(3, 8, 8)] * 3
 
 
 def test_seed_makes_crops_reproducible_and_leaves_global_rng_alone():
-    aug = MultiCropAugmentation(global_crop_size=32, local_crop_size=16, local_crops_number=2)
+    aug = MultiCropAugmentation(global_crop_size=32, local_crop_size=16, num_local_crops=2)
     image = noise_image()
     torch.manual_seed(123)
     state = torch.get_rng_state()
@@ -55,7 +55,7 @@ def test_seed_makes_crops_reproducible_and_leaves_global_rng_alone():
 def test_normalisation_and_solarisation_of_the_second_global_crop_only():
     # A constant image makes every geometric choice irrelevant; only solarisation changes a value.
     aug = MultiCropAugmentation(
-        global_crop_size=8, local_crop_size=4, local_crops_number=1, **{**NO_PHOTOMETRY, "solarize_prob": 1.0}
+        global_crop_size=8, local_crop_size=4, num_local_crops=1, **{**NO_PHOTOMETRY, "solarize_prob": 1.0}
     )
     g1, g2, local = aug(Image.new("RGB", (20, 20), (200, 200, 200)), seed=0)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -71,7 +71,7 @@ def test_blur_probabilities_apply_per_crop_kind():
         global_crops_scale=(1.0, 1.0),
         local_crop_size=16,
         local_crops_scale=(1.0, 1.0),
-        local_crops_number=1,
+        num_local_crops=1,
         **{**NO_PHOTOMETRY, "blur_probs": (1.0, 0.0, 0.0)},
     )
     g1, g2, local = only_first(image, seed=0)
@@ -81,13 +81,13 @@ def test_blur_probabilities_apply_per_crop_kind():
 
 def test_greyscale_input_becomes_three_channels_and_bad_arguments_fail():
     aug = MultiCropAugmentation(
-        global_crop_size=16, local_crop_size=8, local_crops_number=1, blur_probs=(0.0, 0.0, 0.0)
+        global_crop_size=16, local_crop_size=8, num_local_crops=1, blur_probs=(0.0, 0.0, 0.0)
     )
     crops = aug(Image.new("L", (28, 28), 90), seed=0)
     assert all(c.shape[0] == 3 for c in crops)
     with pytest.raises(TypeError, match="PIL image"):
         aug(torch.zeros(3, 28, 28))
     with pytest.raises(ValueError, match="same length"):
-        MultiCropAugmentation(local_crops_number=(2, 2), local_crop_size=96)
+        MultiCropAugmentation(num_local_crops=(2, 2), local_crop_size=96)
     with pytest.raises(ValueError, match="blur_probs"):
         MultiCropAugmentation(blur_probs=(1.0, 0.5))

@@ -294,7 +294,8 @@ def test_argument_precedence_recipe_file_command_line(tmp_path):
     assert model.model_preset == "swin-tiny-w7"  # recipe
     assert train.teacher_temp == 0.07 and train.warmup_teacher_temp_epochs == 30  # recipe
     assert train.per_device_train_batch_size == 16 and data.train_dir == "/data/train"  # file
-    assert model.config_overrides == {"drop_path_rate": 0.2}  # file replaces the recipe's mapping
+    # the file's overrides merge into the recipe's, key by key
+    assert model.config_overrides == {"head_out_dim": 65536, "head_norm_last_layer": False, "drop_path_rate": 0.2}
     assert train.num_train_epochs == 7  # command line
     assert model.build_config().drop_path_rate == 0.2
 
@@ -302,6 +303,9 @@ def test_argument_precedence_recipe_file_command_line(tmp_path):
     json_config.write_text(json.dumps({"dataset_name": "some/dataset", "streaming": True}))
     model, data, train = script.parse_arguments(["--config", str(json_config), "--config_overrides", "image_size=96"])
     assert data.streaming and train.recipe is None and model.config_overrides == {"image_size": 96}
+    # the command line merges too: a recipe's image size survives an unrelated override
+    model, _, _ = script.parse_arguments(["--recipe", "fashion-mnist-cpu", "--config_overrides", "window_size=5"])
+    assert model.config_overrides["window_size"] == 5 and model.build_config().image_size == 28
 
     model, data, train = script.parse_arguments([])  # no data source: the embedded default
     assert train.recipe == "tiny-cpu-default" and data.uses_embedded_dataset
@@ -322,12 +326,10 @@ def test_every_recipe_parses():
 
 
 def test_collapse_monitor_warns_once_when_the_entropy_stays_at_an_extreme(caplog):
-    from accelerate import PartialState
+    from esvit.training.monitoring import CollapseMonitor
 
-    PartialState()  # the script's accelerate logger needs an initialised state
-    script = _import_script()
     log_k = torch.log(torch.tensor(1024.0)).item()
-    monitor = script.CollapseMonitor(out_dim=1024, patience_steps=30)
+    monitor = CollapseMonitor(out_dim=1024, patience_steps=30)
     with caplog.at_level(logging.WARNING):
         for step in range(1, 4):  # healthy entropy: never a warning
             monitor.update(0.5 * log_k, steps=10, global_step=10 * step)
@@ -347,7 +349,8 @@ def test_collapse_monitor_warns_once_when_the_entropy_stays_at_an_extreme(caplog
 
 
 def test_push_outputs_uploads_backbone_at_the_root(tmp_path):
-    script = _import_script()
+    from esvit.training.hub import create_hub_repo, push_outputs
+
     calls = []
 
     class FakeApi:
@@ -358,7 +361,9 @@ def test_push_outputs_uploads_backbone_at_the_root(tmp_path):
         def upload_folder(self, **kwargs):
             calls.append(("upload", kwargs["folder_path"], kwargs.get("path_in_repo")))
 
-    url = script.push_outputs(tmp_path, "me/esvit-test", token=None, private=True, api=FakeApi())
+    api = FakeApi()
+    assert create_hub_repo("me/esvit-test", token=None, private=True, api=api) == "https://huggingface.co/me/esvit-test"
+    url = push_outputs(tmp_path, "me/esvit-test", token=None, api=api)
     assert url == "https://huggingface.co/me/esvit-test"
     assert calls == [
         ("create", "me/esvit-test", {"private": True, "exist_ok": True}),

@@ -38,14 +38,15 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 
-from ..images import UndecodableImage, decode_image, pick_image_column, read_image_bytes
+from ..images import DEFAULT_MAX_IMAGE_PIXELS, UndecodableImage, decode_image, pick_image_column, read_image_bytes
+from .arguments import DataArguments, pair
 from .multicrop import MultiCropAugmentation
 
 logger = logging.getLogger(__name__)
@@ -55,85 +56,6 @@ EMBEDDED_DATASET = Path(__file__).resolve().parents[1] / "data" / "fashion_mnist
 
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-# ------------------------------------------------------------------------------------ arguments
-@dataclass
-class DataArguments:
-    """Where the images come from and how they are cut into crops."""
-
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Hub dataset id (e.g. 'ILSVRC/imagenet-1k') or a local dataset folder `load_dataset` reads."},
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
-    image_column: str | None = field(
-        default=None, metadata={"help": "Image column; default: the first `Image` column, or 'image'/'img'."}
-    )
-    train_dir: str | None = field(
-        default=None, metadata={"help": "Local folder of images (any depth), read with `imagefolder`."}
-    )
-    train_files: list[str] | None = field(
-        default=None, metadata={"help": "Parquet / arrow files (or image files); glob patterns allowed."}
-    )
-    dataset_from_disk: str | None = field(default=None, metadata={"help": "A folder written by `save_to_disk`."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the data (no download, no length)."})
-    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a stream."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N images."})
-    dataset_cache_dir: str | None = field(default=None, metadata={"help": "`datasets` cache folder."})
-    dataloader_num_workers: int = field(
-        default=4, metadata={"help": "Decoding / augmentation workers per process (a stream: at most its shards)."}
-    )
-    global_crop_size: int = field(default=224, metadata={"help": "Side of the 2 global crops."})
-    global_crops_scale: list[float] = field(
-        default_factory=lambda: [0.4, 1.0], metadata={"help": "Area fraction range of the global crops."}
-    )
-    local_crop_size: int = field(default=96, metadata={"help": "Side of the local crops."})
-    num_local_crops: int = field(default=8, metadata={"help": "Number of local crops."})
-    local_crops_scale: list[float] = field(
-        default_factory=lambda: [0.05, 0.4], metadata={"help": "Area fraction range of the local crops."}
-    )
-    blur_probs: list[float] = field(
-        default_factory=lambda: [1.0, 0.1, 0.5],
-        metadata={"help": "Gaussian-blur probability of (global 1, global 2, local) crops; zeros for tiny images."},
-    )
-
-    def __post_init__(self):
-        sources = [n for n in ("dataset_name", "train_dir", "train_files", "dataset_from_disk") if getattr(self, n)]
-        if len(sources) > 1:
-            raise ValueError(f"give one data source, got {', '.join('--' + s for s in sources)}.")
-        for name in ("global_crops_scale", "local_crops_scale"):
-            low, high = _pair(getattr(self, name), name)
-            if not 0.0 < low <= high <= 1.0:
-                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {getattr(self, name)}.")
-        if len(self.blur_probs) != 3:
-            raise ValueError(f"blur_probs needs 3 probabilities, got {self.blur_probs}.")
-        if self.dataloader_num_workers < 0 or self.num_local_crops < 0:
-            raise ValueError("dataloader_num_workers and num_local_crops must be >= 0.")
-
-    @property
-    def uses_embedded_dataset(self) -> bool:
-        return not (self.dataset_name or self.train_dir or self.train_files or self.dataset_from_disk)
-
-    def describe_source(self) -> str:
-        """One line naming the data, for logs and model cards."""
-        if self.dataset_name:
-            config = f" ({self.dataset_config_name})" if self.dataset_config_name else ""
-            return f"{self.dataset_name}{config}, split {self.dataset_split}"
-        if self.train_dir:
-            return f"image folder {self.train_dir}"
-        if self.train_files:
-            return f"files {', '.join(self.train_files)}"
-        if self.dataset_from_disk:
-            return f"saved dataset {self.dataset_from_disk}"
-        return "the embedded Fashion-MNIST sample (500 train images, esvit/data)"
-
-
-def _pair(values: Sequence[float], name: str) -> tuple[float, float]:
-    if len(values) != 2:
-        raise ValueError(f"{name} needs two numbers (low high), got {values}.")
-    return float(values[0]), float(values[1])
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -225,12 +147,24 @@ def build_augmentation(args: DataArguments) -> MultiCropAugmentation:
     """The multi-crop augmentation described by `args` (2 global + `num_local_crops` local crops)."""
     return MultiCropAugmentation(
         global_crop_size=args.global_crop_size,
-        global_crops_scale=_pair(args.global_crops_scale, "global_crops_scale"),
-        local_crops_number=args.num_local_crops,
+        global_crops_scale=pair(args.global_crops_scale, "global_crops_scale"),
+        num_local_crops=args.num_local_crops,
         local_crop_size=args.local_crop_size,
-        local_crops_scale=_pair(args.local_crops_scale, "local_crops_scale"),
+        local_crops_scale=pair(args.local_crops_scale, "local_crops_scale"),
         blur_probs=tuple(args.blur_probs),
     )
+
+
+def min_side_for_crops(args: DataArguments) -> int:
+    """The shorter image side above which no crop of the recipe is upsampled: a crop of area
+    fraction `s` of a square image of side `S` has side `sqrt(s) * S`, so decoding at
+    `S = crop / sqrt(s_min)` still gives every crop at least its output resolution."""
+    global_low = pair(args.global_crops_scale, "global_crops_scale")[0]
+    local_low = pair(args.local_crops_scale, "local_crops_scale")[0]
+    sides = [args.global_crop_size / global_low**0.5]
+    if args.num_local_crops:
+        sides.append(args.local_crop_size / local_low**0.5)
+    return int(max(sides)) + 1
 
 
 class MultiCropCollator:
@@ -244,11 +178,22 @@ class MultiCropCollator:
     Args:
         augment: `MultiCropAugmentation` (or any callable `(image, seed=...) -> list[Tensor]`).
         seed: the run's seed; with `epoch` and the image's content it fixes every crop.
+        max_pixels: images of more pixels are skipped (see `images.decode_image`).
+        min_side: JPEGs may be decoded at a reduced size whose shorter side stays at least this
+            (None: always full size). `min_side_for_crops` gives the size no crop needs to exceed.
     """
 
-    def __init__(self, augment: Callable[..., list[torch.Tensor]], seed: int):
+    def __init__(
+        self,
+        augment: Callable[..., list[torch.Tensor]],
+        seed: int,
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        min_side: int | None = None,
+    ):
         self.augment = augment
         self.seed = seed
+        self.max_pixels = max_pixels
+        self.min_side = min_side
         self.epoch = 0
 
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
@@ -258,7 +203,7 @@ class MultiCropCollator:
         for example in examples:
             try:
                 raw = read_image_bytes(example["image"])
-                image = decode_image(raw)
+                image = decode_image(raw, max_pixels=self.max_pixels, min_side=self.min_side)
             except UndecodableImage as err:
                 name = describe_example(example)
                 logger.warning("Skipping image %s: it cannot be decoded (%s).", name, err)
@@ -316,6 +261,24 @@ class PretrainingLoader:
     def batches_per_epoch(self) -> int | None:
         """Batches per epoch on every process; None for a stream (no length)."""
         return None if self.streaming else len(self.dataloader)
+
+    def known_batches_per_epoch(self, args: DataArguments, batch_size: int, accelerator) -> int | None:
+        """Batches per epoch and process, also for a stream whose source has a known length (a
+        `save_to_disk` folder, a Hub split whose card gives its size); None when it has none."""
+        if not self.streaming:
+            return self.batches_per_epoch
+        num_examples = None
+        if args.dataset_from_disk:
+            loaded = datasets.load_from_disk(args.dataset_from_disk)
+            num_examples = len(loaded[args.dataset_split] if isinstance(loaded, datasets.DatasetDict) else loaded)
+        elif self.dataset.info is not None and self.dataset.info.splits:
+            split = self.dataset.info.splits.get(args.dataset_split)
+            num_examples = split.num_examples if split is not None and split.num_examples else None
+        if num_examples is None:
+            return None
+        if args.max_train_samples is not None:
+            num_examples = min(num_examples, args.max_train_samples)
+        return num_examples // (batch_size * accelerator.num_processes) or None
 
     def epoch(self, epoch: int, skip_batches: int = 0, accelerator=None) -> Iterator[dict]:
         """Iterate one epoch's batches, optionally skipping the first `skip_batches` (resume).
@@ -393,17 +356,13 @@ def build_pretraining_loader(
 
 __all__ = [
     "EMBEDDED_DATASET",
-    "DataArguments",
     "MultiCropCollator",
+    "min_side_for_crops",
     "build_augmentation",
     "PretrainingLoader",
-    "UndecodableImage",
     "build_pretraining_loader",
     "content_key",
-    "decode_image",
     "describe_example",
     "load_pretraining_images",
-    "pick_image_column",
-    "read_image_bytes",
     "sample_seed",
 ]

@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .centering import PendingCenterUpdate, apply_center_update, teacher_statistics
+from .targets import TEACHER_TARGETS, compute_dtype
 
 # Elements of one `[rows, K]` float32 temporary in the chunked region loss (64 MiB). With
 # K = 65536 that is 256 student tokens per chunk.
@@ -72,11 +74,6 @@ class EsViTLossOutput:
     num_pairs: int
 
 
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """float32, or float64 for float64 inputs: half-precision logits are upcast for the softmaxes."""
-    return torch.promote_types(tensor.dtype, torch.float32)
-
-
 class _MatchedRegionCrossEntropy(torch.autograd.Function):
     """Per-token `sum_k -t[m(a), k] * log_softmax(s[a] / tau)_k`, chunked over student tokens.
 
@@ -88,7 +85,7 @@ class _MatchedRegionCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_probs, match_index, student_temp, chunk_rows):
         num_rows = student_logits.shape[0]
-        dtype = _compute_dtype(student_logits)
+        dtype = compute_dtype(student_logits)
         out = torch.empty(num_rows, dtype=dtype, device=student_logits.device)  # [N_s]
         for start in range(0, num_rows, chunk_rows):
             stop = min(start + chunk_rows, num_rows)
@@ -105,7 +102,7 @@ class _MatchedRegionCrossEntropy(torch.autograd.Function):
         student_logits, teacher_probs, match_index = ctx.saved_tensors
         temp, chunk_rows = ctx.student_temp, ctx.chunk_rows
         grad = torch.empty_like(student_logits)  # [N_s, K]
-        dtype = _compute_dtype(student_logits)
+        dtype = compute_dtype(student_logits)
         for start in range(0, student_logits.shape[0], chunk_rows):
             stop = min(start + chunk_rows, student_logits.shape[0])
             scaled = student_logits[start:stop].to(dtype) / temp
@@ -151,29 +148,8 @@ def matched_region_cross_entropy(
     return per_token.view(batch, student_tokens)
 
 
-@torch.no_grad()
-def _teacher_probs_and_entropy(
-    logits: torch.Tensor, center: torch.Tensor, temp: float, chunk_rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax((logits - center) / temp) row-wise in float32, and the summed row entropies.
-
-    `logits` is `[..., K]`; returns probabilities of the same shape and a scalar entropy sum.
-    """
-    flat = logits.reshape(-1, logits.shape[-1])  # [N, K]
-    dtype = _compute_dtype(flat)
-    probs = torch.empty(flat.shape, dtype=dtype, device=flat.device)
-    entropy = torch.zeros((), dtype=dtype, device=flat.device)
-    for start in range(0, flat.shape[0], chunk_rows):
-        stop = min(start + chunk_rows, flat.shape[0])
-        scaled = (flat[start:stop].to(dtype) - center) / temp  # [c, K]
-        chunk_probs = F.softmax(scaled, dim=-1)
-        probs[start:stop] = chunk_probs
-        entropy -= torch.sum(chunk_probs * F.log_softmax(scaled, dim=-1))
-    return probs.view(logits.shape), entropy
-
-
 def _normalized(features: torch.Tensor) -> torch.Tensor:
-    return F.normalize(features.detach().to(_compute_dtype(features)), p=2, dim=-1)
+    return F.normalize(features.detach().to(compute_dtype(features)), p=2, dim=-1)
 
 
 class EsViTLoss(nn.Module):
@@ -189,6 +165,9 @@ class EsViTLoss(nn.Module):
         use_region_loss: add the region-matching task (EsViT); False gives DINO's loss.
         region_chunk_size: student region tokens (over all images) per chunk of the region loss;
             None picks `DEFAULT_CHUNK_NUMEL // out_dim`. It changes memory and speed, never values.
+        teacher_normalization: how teacher logits become targets, a key of
+            `targets.TEACHER_TARGETS`: "centering" (DINO / EsViT, the default) or
+            "sinkhorn_knopp" (SwAV / DINOv2). The centres are kept up to date either way.
 
     Example:
         >>> loss_fn = EsViTLoss(out_dim=65536)
@@ -196,12 +175,8 @@ class EsViTLoss(nn.Module):
         >>> out.loss.backward()  # doctest: +SKIP
     """
 
-    # The centres are statistics of the teacher outputs, owned by the loss rather than registered on
-    # a model: the teacher is never wrapped in DistributedDataParallel (it has no gradients), and the
-    # student's DDP would broadcast rank 0's buffers at every forward, which is pointless here
-    # because `update_centers` already all-reduces the batch statistics so that every process
-    # holds the same centre. Being persistent buffers of this module, they follow `.to(device)` and
-    # are saved / restored with the loss's `state_dict` when training resumes.
+    # The centres are persistent buffers of this module (why not of a model: see `centering`), so
+    # they follow `.to(device)` and are saved / restored with the loss's `state_dict`.
     view_center: torch.Tensor  # [1, K]
     region_center: torch.Tensor  # [1, K]
 
@@ -215,12 +190,17 @@ class EsViTLoss(nn.Module):
         region_weight: float = 0.5,
         use_region_loss: bool = True,
         region_chunk_size: int | None = None,
+        teacher_normalization: str = "centering",
     ):
         super().__init__()
         if out_dim < 1 or num_global_crops < 1:
             raise ValueError(f"out_dim and num_global_crops must be >= 1, got {out_dim}, {num_global_crops}")
         if region_chunk_size is not None and region_chunk_size < 1:
             raise ValueError(f"region_chunk_size must be >= 1 or None, got {region_chunk_size}")
+        if teacher_normalization not in TEACHER_TARGETS:
+            raise ValueError(
+                f"teacher_normalization must be one of {sorted(TEACHER_TARGETS)}, got {teacher_normalization!r}"
+            )
         self.out_dim = out_dim
         self.num_global_crops = num_global_crops
         self.student_temp = student_temp
@@ -229,17 +209,20 @@ class EsViTLoss(nn.Module):
         self.region_weight = region_weight
         self.use_region_loss = use_region_loss
         self.region_chunk_size = region_chunk_size or max(1, DEFAULT_CHUNK_NUMEL // out_dim)
+        self.teacher_normalization = teacher_normalization
+        self._teacher_targets = TEACHER_TARGETS[teacher_normalization]
         self.register_buffer("view_center", torch.zeros(1, out_dim))
         self.register_buffer("region_center", torch.zeros(1, out_dim))
         # Teacher statistics added up over the micro-batches of one optimizer step (see forward).
-        self._pending: torch.Tensor | None = None
+        self.pending = PendingCenterUpdate()
 
     def extra_repr(self) -> str:
         return (
             f"out_dim={self.out_dim}, num_global_crops={self.num_global_crops}, "
             f"student_temp={self.student_temp}, center_momentum={self.center_momentum}, "
             f"use_region_loss={self.use_region_loss}, view_weight={self.view_weight}, "
-            f"region_weight={self.region_weight}, region_chunk_size={self.region_chunk_size}"
+            f"region_weight={self.region_weight}, region_chunk_size={self.region_chunk_size}, "
+            f"teacher_normalization={self.teacher_normalization!r}"
         )
 
     # ------------------------------------------------------------------ input checks
@@ -312,15 +295,18 @@ class EsViTLoss(nn.Module):
         if update_centers:
             self.update_centers(teacher)
         else:
-            stats = self._teacher_statistics(teacher)
-            self._pending = stats if self._pending is None else self._pending + stats
+            self.pending.add(self._teacher_statistics(teacher))
         return result
 
     def step_centers(self) -> None:
         """Apply the statistics added up by `forward(..., update_centers=False)` (no-op if none)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._apply_statistics(pending)
+        packed = self.pending.take()
+        if packed is not None:
+            self._apply_statistics(packed)
+
+    def discard_pending_centers(self) -> None:
+        """Forget the statistics of a step that is skipped (e.g. a non-finite loss)."""
+        self.pending.discard()
 
     def _loss(
         self,
@@ -331,14 +317,13 @@ class EsViTLoss(nn.Module):
         num_crops: int,
     ) -> EsViTLossOutput:
         chunk = self.region_chunk_size
-        with torch.no_grad():
-            t_view = teacher.view_logits.detach()
-            t_view_scaled = (t_view.to(_compute_dtype(t_view)) - self.view_center) / teacher_temp  # [G*B, K]
-            t_view_probs = F.softmax(t_view_scaled, dim=-1)
-            view_entropy = -torch.sum(t_view_probs * F.log_softmax(t_view_scaled, dim=-1), dim=-1).mean()
+        t_view = teacher.view_logits.detach()  # [G*B, K]
+        # one chunk: the view rows are few, and one softmax keeps the values the original's
+        t_view_probs, view_entropy = self._teacher_targets(t_view, self.view_center, teacher_temp, t_view.shape[0])
+        view_entropy = view_entropy / t_view.shape[0]
         teacher_view = t_view_probs.chunk(self.num_global_crops)  # G x [B, K]
         s_view = student.view_logits
-        student_view = (s_view.to(_compute_dtype(s_view)) / self.student_temp).chunk(num_crops)  # n x [B, K]
+        student_view = (s_view.to(compute_dtype(s_view)) / self.student_temp).chunk(num_crops)  # n x [B, K]
         student_view_log = [F.log_softmax(s, dim=-1) for s in student_view]
 
         teacher_region: list[torch.Tensor] = []
@@ -349,8 +334,9 @@ class EsViTLoss(nn.Module):
             entropy_sum = torch.zeros((), device=t_view_probs.device)
             token_count = 0
             for logits, feats in zip(teacher.region_logits, teacher.region_features):
-                probs, ent = _teacher_probs_and_entropy(logits.detach(), self.region_center, teacher_temp, chunk)
-                teacher_region.append(probs)  # [B, T_t, K]
+                flat = logits.detach().reshape(-1, logits.shape[-1])  # [B * T_t, K]
+                probs, ent = self._teacher_targets(flat, self.region_center, teacher_temp, chunk)
+                teacher_region.append(probs.view(logits.shape))  # [B, T_t, K]
                 teacher_feat.append(_normalized(feats))  # [B, T_t, C]
                 entropy_sum += ent
                 token_count += logits.shape[0] * logits.shape[1]
@@ -396,38 +382,17 @@ class EsViTLoss(nn.Module):
         self._apply_statistics(self._teacher_statistics(teacher))
 
     def _teacher_statistics(self, teacher: PreTrainingOutputLike) -> torch.Tensor:
-        """This process's column sums of the teacher outputs and their row counts, packed as
-        `[view sum (K), region sum (K, with the region task), view rows, region rows]`."""
-        view = teacher.view_logits.detach()
-        sums = [torch.sum(view, dim=0, dtype=torch.float32)]  # [K]
-        counts = [float(view.shape[0])]
+        """This process's packed column sums and row counts of the teacher outputs (view, and
+        region with the region task), see `centering.teacher_statistics`."""
+        groups = [[teacher.view_logits]]
         if self.use_region_loss:
-            region_sum = torch.zeros(self.out_dim, dtype=torch.float32, device=view.device)
-            region_rows = 0
-            for logits in teacher.region_logits:
-                region_sum += torch.sum(logits.detach().reshape(-1, self.out_dim), dim=0, dtype=torch.float32)
-                region_rows += logits.shape[0] * logits.shape[1]
-            sums.append(region_sum)
-            counts.append(float(region_rows))
-        return torch.cat(sums + [torch.tensor(counts, dtype=torch.float32, device=view.device)])
+            groups.append(list(teacher.region_logits))
+        return teacher_statistics(groups, self.out_dim)
 
     def _apply_statistics(self, packed: torch.Tensor) -> None:
-        """Move both centres towards the global batch means.
-
-        The sums and row counts of both centres travel in one all-reduce, so a process with a
-        smaller last batch is weighted by its rows. Works without a process group (one process).
-        """
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(packed)
-        k = self.out_dim
-        num_sums = 2 if self.use_region_loss else 1
-        totals = packed[num_sums * k :]
-        m = self.center_momentum
-        batch_view = packed[:k].unsqueeze(0) / totals[0]  # [1, K]
-        self.view_center.mul_(m).add_(batch_view * (1 - m))
-        if self.use_region_loss:
-            batch_region = packed[k : 2 * k].unsqueeze(0) / totals[1]
-            self.region_center.mul_(m).add_(batch_region * (1 - m))
+        """Move both centres towards the global batch means (one all-reduce for both)."""
+        centers = [self.view_center, self.region_center] if self.use_region_loss else [self.view_center]
+        apply_center_update(centers, packed, self.center_momentum)
 
 
 __all__ = [

@@ -74,7 +74,7 @@ class MultiCropAugmentation:
     Args:
         global_crop_size: side of the two global crops (224; e.g. 32 for 32-px images).
         global_crops_scale: area fraction range of the global crops.
-        local_crops_number: number of local crops, or one count per entry of `local_crop_size`.
+        num_local_crops: number of local crops, or one count per entry of `local_crop_size`.
         local_crop_size: side of the local crops (96), or several sizes; crops come grouped by size.
         local_crops_scale: area fraction range of the local crops.
         flip_prob, color_jitter (brightness, contrast, saturation, hue), color_jitter_prob,
@@ -88,7 +88,7 @@ class MultiCropAugmentation:
             has 3 channels.
 
     Example:
-        >>> aug = MultiCropAugmentation(global_crop_size=32, local_crop_size=16, local_crops_number=4,
+        >>> aug = MultiCropAugmentation(global_crop_size=32, local_crop_size=16, num_local_crops=4,
         ...                             blur_probs=(0.0, 0.0, 0.0))
         >>> crops = aug(Image.new("RGB", (40, 40)), seed=0)
         >>> [tuple(c.shape) for c in crops][:3]
@@ -99,7 +99,7 @@ class MultiCropAugmentation:
         self,
         global_crop_size: int = 224,
         global_crops_scale: tuple[float, float] = (0.4, 1.0),
-        local_crops_number: int | Sequence[int] = 8,
+        num_local_crops: int | Sequence[int] = 8,
         local_crop_size: int | Sequence[int] = 96,
         local_crops_scale: tuple[float, float] = (0.05, 0.4),
         flip_prob: float = 0.5,
@@ -114,16 +114,16 @@ class MultiCropAugmentation:
         interpolation: InterpolationMode = InterpolationMode.BICUBIC,
         convert_to_rgb: bool = True,
     ):
-        counts = _as_tuple(local_crops_number, "local_crops_number")
+        counts = _as_tuple(num_local_crops, "num_local_crops")
         sizes = _as_tuple(local_crop_size, "local_crop_size")
         if len(counts) != len(sizes):
-            raise ValueError(f"local_crops_number {counts} and local_crop_size {sizes} must have the same length")
+            raise ValueError(f"num_local_crops {counts} and local_crop_size {sizes} must have the same length")
         if len(blur_probs) != 3:
             raise ValueError(f"blur_probs needs 3 probabilities (global 1, global 2, local), got {blur_probs}")
         if len(mean) != len(std):
             raise ValueError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
         self.global_crop_size = global_crop_size
-        self.local_crops_number = counts
+        self.num_local_crops = counts
         self.local_crop_sizes = sizes
         self.convert_to_rgb = convert_to_rgb
 
@@ -160,19 +160,19 @@ class MultiCropAugmentation:
 
     @property
     def num_crops(self) -> int:
-        return 2 + sum(self.local_crops_number)
+        return 2 + sum(self.num_local_crops)
 
     @property
     def crop_sizes(self) -> list[int]:
         """Side of every returned crop, in order."""
         sizes = [self.global_crop_size] * 2
-        for count, size in zip(self.local_crops_number, self.local_crop_sizes):
+        for count, size in zip(self.num_local_crops, self.local_crop_sizes):
             sizes += [size] * count
         return sizes
 
     def _crops(self, image: Image.Image) -> list[torch.Tensor]:
         crops = [self.global_transform_1(image), self.global_transform_2(image)]
-        for count, transform in zip(self.local_crops_number, self.local_transforms):
+        for count, transform in zip(self.num_local_crops, self.local_transforms):
             crops.extend(transform(image) for _ in range(count))
         return crops
 
@@ -196,7 +196,7 @@ class MultiCropAugmentation:
             f"  global_1={self.global_transform_1},",
             f"  global_2={self.global_transform_2},",
         ]
-        for count, transform in zip(self.local_crops_number, self.local_transforms):
+        for count, transform in zip(self.num_local_crops, self.local_transforms):
             lines.append(f"  {count} x local={transform},")
         return "\n".join(lines) + "\n)"
 

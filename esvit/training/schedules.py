@@ -87,6 +87,15 @@ class PretrainingSchedules:
     def __len__(self) -> int:
         return len(self.lr)
 
+    def at(self, step: int) -> dict[str, float]:
+        """The four values of `step`, as floats (for logging)."""
+        return {
+            "lr": float(self.lr[step]),
+            "weight_decay": float(self.weight_decay[step]),
+            "teacher_momentum": float(self.teacher_momentum[step]),
+            "teacher_temp": float(self.teacher_temp[step]),
+        }
+
 
 def build_schedules(
     *,
@@ -126,7 +135,100 @@ def build_schedules(
     )
 
 
+def steps_from_epochs(epochs: float, steps: int | None, steps_per_epoch: int | None) -> int | None:
+    """An epoch-denominated length in optimizer steps: `steps` when given, 0 for 0 epochs, None
+    when it cannot be known (a stream of unknown length)."""
+    if steps is not None:
+        return steps
+    if epochs == 0:
+        return 0
+    return None if steps_per_epoch is None else round(epochs * steps_per_epoch)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The optimizer-step plan of one run.
+
+    Attributes:
+        schedules: per-step lr, weight decay, teacher momentum and temperature.
+        total_steps: optimizer steps of the whole run.
+        freeze_last_layer_steps: steps during which the heads' last layers get no update.
+        epoch_based: True when the schedules are the original's per-epoch ones, bit for bit.
+    """
+
+    schedules: PretrainingSchedules
+    total_steps: int
+    freeze_last_layer_steps: int
+    epoch_based: bool
+
+
+def plan_training(args, steps_per_epoch: int | None, global_batch_size: int) -> TrainingPlan:
+    """Choose and build the schedules of a run from its `PretrainingArguments`.
+
+    With a known epoch length and whole-epoch warm-ups, the schedules are the original's
+    (per-epoch teacher-temperature steps). Otherwise (`max_train_steps`, `*_steps` values, or
+    fractional epochs) every schedule spans exactly `total_steps` optimizer steps, warm-ups are
+    counted in steps and the teacher temperature rises per step. Every epoch-denominated argument
+    that a stream of unknown length cannot convert is named in one error.
+    """
+    epoch_args = {
+        "warmup": (args.warmup_epochs, args.warmup_steps),
+        "warmup_teacher_temp": (args.warmup_teacher_temp_epochs, args.warmup_teacher_temp_steps),
+        "freeze_last_layer": (args.freeze_last_layer_epochs, args.freeze_last_layer_steps),
+    }
+    lengths = {name: steps_from_epochs(e, s, steps_per_epoch) for name, (e, s) in epoch_args.items()}
+    unknown = [name for name, value in lengths.items() if value is None]
+    if args.max_train_steps is None and steps_per_epoch is None:
+        unknown.insert(0, "num_train")
+    if unknown:
+        wanted = ", ".join(
+            "--max_train_steps (instead of --num_train_epochs)"
+            if n == "num_train"
+            else f"--{n}_steps (or 0 --{n}_epochs)"
+            for n in unknown
+        )
+        raise ValueError(f"the data has no known length, so epochs cannot be converted to steps: give {wanted}.")
+    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    common = dict(
+        global_batch_size=global_batch_size,
+        base_lr=args.learning_rate,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        weight_decay_end=args.weight_decay_end,
+        momentum_teacher=args.momentum_teacher,
+        warmup_teacher_temp=args.warmup_teacher_temp,
+        teacher_temp=args.teacher_temp,
+    )
+    epoch_based = (
+        args.max_train_steps is None
+        and args.warmup_steps is None
+        and args.warmup_teacher_temp_steps is None
+        and float(args.warmup_epochs).is_integer()
+        and float(args.warmup_teacher_temp_epochs).is_integer()
+    )
+    if epoch_based:
+        schedules = build_schedules(
+            epochs=args.num_train_epochs,
+            steps_per_epoch=steps_per_epoch,
+            warmup_epochs=int(args.warmup_epochs),
+            warmup_teacher_temp_epochs=int(args.warmup_teacher_temp_epochs),
+            **common,
+        )
+    else:
+        schedules = build_schedules(
+            epochs=total_steps,
+            steps_per_epoch=1,
+            warmup_epochs=min(lengths["warmup"], total_steps),
+            warmup_teacher_temp_epochs=min(lengths["warmup_teacher_temp"], total_steps),
+            **common,
+        )
+    return TrainingPlan(schedules, total_steps, lengths["freeze_last_layer"], epoch_based)
+
+
 __all__ = [
+    "TrainingPlan",
+    "plan_training",
+    "steps_from_epochs",
     "LR_REFERENCE_BATCH_SIZE",
     "PretrainingSchedules",
     "build_schedules",
