@@ -1,10 +1,12 @@
 """Print the max abs difference between this implementation and the original EsViT code.
 
 Reads the reference outputs of the original code in `../shared/fixtures/esvit_reference` (or
-`--reference_dir`), loads each tiny reference model's weights through the checkpoint converter into
-`EsViTForPreTraining`, recomputes every stored output (float32, CPU) and prints one row per tensor,
-plus the end-to-end EsViT loss of the tiny Swin model. The tests assert the same comparisons
-(`atol=1e-5, rtol=1e-4`); this script only reports the figures.
+`$ESVIT_REFERENCE_DIR`, or `--reference_dir`), builds each tiny reference model's config from the
+manifest and loads its weights through the checkpoint converter into `EsViTForPreTraining`,
+recomputes every stored output (float32, CPU) and prints one row per tensor, plus the end-to-end
+EsViT loss of the tiny Swin model. The fixture reading and the configs are those of the tests
+(`tests/reference.py`), which assert the same comparisons (`atol=1e-5, rtol=1e-4`); this script
+only reports the figures.
 
     python benchmarks/parity_report.py
 """
@@ -14,57 +16,41 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from esvit import EsViTConfig, EsViTForPreTraining
-from esvit.conversion.original import original_to_pretraining_state_dict
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `tests.reference`
 
-HEADS = dict(head_out_dim=64, head_hidden_dim=64, head_bottleneck_dim=32, head_norm_last_layer=False)
-TINY = dict(hidden_sizes=(8, 16, 32, 64), num_heads=(1, 2, 2, 4), drop_path_rate=0.0, **HEADS)
-CONFIGS = {
-    "swin_tiny_w7": dict(TINY, backbone_type="swin", depths=(2, 2, 2, 2), window_size=7),
-    "swin_tiny_w14": dict(TINY, backbone_type="swin", depths=(2, 2, 2, 2), window_size=14),
-    "vil_tiny": dict(
-        TINY,
-        backbone_type="vil",
-        depths=(1, 2, 2, 2),
-        vil_attention_types=("longformer", "longformer", "full", "full"),
-        vil_num_global_tokens=(1, 1, 1, 0),
-        vil_mode=1,
-    ),
-    "cvt_tiny": dict(
-        TINY,
-        backbone_type="cvt",
-        depths=(1, 2, 2, 2),
-        patch_sizes=(7, 3, 3, 3),
-        patch_strides=(4, 2, 2, 2),
-        patch_padding=(2, 1, 1, 1),
-        layer_norm_eps=1e-5,
-    ),
-}
+from esvit import EsViTForPreTraining  # noqa: E402
+from esvit.conversion.original import original_to_pretraining_state_dict  # noqa: E402
+from tests.reference import (  # noqa: E402
+    REFERENCE_DIR,
+    REFERENCE_MODELS,
+    load_manifest,
+    load_reference_inputs,
+    load_reference_outputs,
+    load_reference_state_dict,
+    reference_config,
+    reference_missing,
+)
 
 
-def reference_state(folder: Path, manifest: dict, name: str) -> dict:
-    state = load_file(folder / f"{name}.weights.safetensors")
-    index_file = folder / f"{name}.index_buffers.safetensors"
-    if index_file.is_file():
-        buffers = load_file(index_file)
-        for key, entry in manifest["models"][name].get("index_buffer_map", {}).items():
-            state[key] = buffers[entry].long()
-    return state
+def reference_model(folder: Path, manifest: dict, name: str) -> EsViTForPreTraining:
+    """The original tiny model `name` as `EsViTForPreTraining` (eval mode)."""
+    config = reference_config(manifest, name)
+    model = EsViTForPreTraining(config)
+    state = load_reference_state_dict(folder, manifest, name)
+    model.load_state_dict(original_to_pretraining_state_dict(state, config))
+    return model.eval()
 
 
 @torch.no_grad()
 def model_rows(folder: Path, manifest: dict, inputs: dict, name: str) -> list[tuple[str, str, float]]:
-    config = EsViTConfig(**CONFIGS[name])
-    model = EsViTForPreTraining(config)
-    model.load_state_dict(original_to_pretraining_state_dict(reference_state(folder, manifest, name), config))
-    model.eval()
+    model = reference_model(folder, manifest, name)
     backbone = model.esvit
-    expected = load_file(folder / f"{name}.outputs.safetensors")
+    expected = load_reference_outputs(folder, manifest, name)
     g1, l1 = inputs["global_view1"], inputs["local_view1"]
     crops = [inputs[k] for k in ("global_view1", "global_view2", "local_view1", "local_view2")]
     glob, loc, mc = backbone(g1), backbone(l1), model(crops)
@@ -86,10 +72,7 @@ def model_rows(folder: Path, manifest: dict, inputs: dict, name: str) -> list[tu
 def loss_row(folder: Path, manifest: dict, inputs: dict) -> tuple[float, float]:
     from esvit.training.loss import EsViTLoss
 
-    config = EsViTConfig(**CONFIGS["swin_tiny_w7"])
-    model = EsViTForPreTraining(config)
-    model.load_state_dict(original_to_pretraining_state_dict(reference_state(folder, manifest, "swin_tiny_w7"), config))
-    model.eval()
+    model = reference_model(folder, manifest, "swin_tiny_w7")
     crops = [inputs[k] for k in ("global_view1", "global_view2", "local_view1", "local_view2")]
     loss = EsViTLoss(out_dim=64)(model(crops), model(crops[:2]), teacher_temp=0.04).loss.item()
     reference = json.loads((folder / "loss_fixture.json").read_text())["end_to_end_swin_tiny_w7"]
@@ -98,15 +81,17 @@ def loss_row(folder: Path, manifest: dict, inputs: dict) -> tuple[float, float]:
 
 
 def main() -> None:
-    default = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "esvit_reference"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference_dir", type=Path, default=default)
+    parser.add_argument("--reference_dir", type=Path, default=REFERENCE_DIR)
     folder = parser.parse_args().reference_dir
-    manifest = json.loads((folder / "manifest.json").read_text())
-    inputs = {k: v.float() for k, v in load_file(folder / "inputs.safetensors").items()}
+    missing = reference_missing(folder)
+    if missing is not None:
+        parser.error(missing)
+    manifest = load_manifest(folder)
+    inputs = load_reference_inputs(folder)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, float32, CPU\n")
     print("| model | tensor | max abs diff |\n|---|---|---|")
-    for name in CONFIGS:
+    for name in REFERENCE_MODELS:
         for model_name, key, diff in model_rows(folder, manifest, inputs, name):
             print(f"| {model_name} | {key} | {diff:.2e} |")
     ours, ref = loss_row(folder, manifest, inputs)

@@ -34,7 +34,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_esvit import EsViTConfig
-from .layers import DropPath, EncoderOutput, Mlp, QuickGELU, attend, check_pixel_values
+from .layers import DropPath, EncoderOutput, Mlp, QuickGELU, attend, prepare_encoder_inputs
 
 
 class CvtLayerNorm(nn.LayerNorm):
@@ -189,19 +189,10 @@ class CvtEncoder(nn.Module):
         super().__init__()
         if config.backbone_type != "cvt":
             raise ValueError(f"CvtEncoder needs backbone_type='cvt', got {config.backbone_type!r}.")
-        if config.use_absolute_embeddings or not config.patch_norm:
-            raise ValueError(
-                "CvT has no absolute position embeddings and always normalises its patch embeddings: "
-                "use use_absolute_embeddings=False and patch_norm=True."
-            )
-        kernel, padding = config.cvt_qkv_kernel_size, config.cvt_qkv_padding
-        if kernel < 1 or 2 * padding != kernel - 1:
-            # The windows are cut from the projected map, so the depthwise conv must keep its size.
-            raise ValueError(
-                f"cvt_qkv_kernel_size={kernel} with cvt_qkv_padding={padding} changes the map size; "
-                "use an odd kernel and padding = (kernel - 1) // 2."
-            )
+        # `EsViTConfig.validate_cvt` has checked what CvT-v4 needs (no absolute embeddings, a normed
+        # patch embedding, a size-preserving depthwise q/k/v convolution).
         self.config = config
+        self.min_input_size = config.min_input_size
         total = sum(config.depths)
         # Stochastic-depth rate grows linearly over all blocks of all stages. Computed on the CPU
         # explicitly: `from_pretrained` builds the model under a meta-device context.
@@ -223,11 +214,15 @@ class CvtEncoder(nn.Module):
         output_block_features: bool = False,
         attn_implementation: str = "sdpa",
     ) -> EncoderOutput:
-        check_pixel_values(pixel_values, self.config.num_channels)
-        if attn_implementation not in ("sdpa", "eager"):
-            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}.")
-        if output_attentions:
-            attn_implementation = "eager"
+        pixel_values, attn_implementation = prepare_encoder_inputs(
+            pixel_values,
+            family="CvT",
+            num_channels=self.config.num_channels,
+            min_size=self.min_input_size,
+            dtype=self.stages[0].patch_embed.proj.weight.dtype,
+            attn_implementation=attn_implementation,
+            output_attentions=output_attentions,
+        )
 
         stage_outputs: list[torch.Tensor] = []
         spatial_shapes: list[tuple[int, int]] = []

@@ -5,12 +5,13 @@ arXiv:2103.14030), in the variant that EsViT (Li et al., ICLR 2022, arXiv:2106.0
 
 * Window geometry is fixed once, from `config.image_size`. A stage whose resolution at that size
   is not larger than the window attends over one window of exactly that resolution and never
-  shifts (stage 4 of every W7 model; stages 3-4 of W14 models). Other inputs, e.g. the 96-px local
-  crops of multi-crop training, keep this geometry: their token maps are zero-padded at the bottom
-  and right to a multiple of the window *before* the cyclic shift; non-shifted windows get no
-  padding mask (padded tokens take part in attention), shifted windows get the usual region mask
-  computed on the padded map. This is what the released checkpoints were trained with, and it
-  differs from implementations that re-derive windows per input.
+  shifts (stage 4 of every W7 model; stages 3-4 of W14 models). A stage's resolution at that size
+  is image_size // patch, halved and rounded up at every patch merging. Other inputs, e.g. the
+  96-px local crops of multi-crop training, keep this geometry: their token maps are zero-padded
+  at the bottom and right to a multiple of the window *before* the cyclic shift; non-shifted
+  windows get no padding mask (padded tokens take part in attention), shifted windows get the
+  usual region mask computed on the padded map. This is what the released checkpoints were
+  trained with, and it differs from implementations that re-derive windows per input.
 * Patch merging zero-pads maps of odd height or width.
 * The pooled feature is the token mean of the last stage after the final LayerNorm; the region
   features are those normalised tokens.
@@ -27,7 +28,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_esvit import EsViTConfig
-from .layers import DropPath, EncoderOutput, Mlp, attend, check_pixel_values
+from .layers import DropPath, EncoderOutput, Mlp, attend, prepare_encoder_inputs
 
 # Additive logit for token pairs from different regions of a shifted window: large enough that
 # the softmax gives them (numerically) zero weight, the value the released models were trained with.
@@ -297,9 +298,12 @@ class SwinEncoder(nn.Module):
             raise ValueError(f"SwinEncoder needs backbone_type='swin', got {config.backbone_type!r}.")
         self.config = config
         self.patch_embed = SwinPatchEmbed(config)
-        base_resolution = config.image_size // config.patch_sizes[0]
-        if base_resolution < 1:
-            raise ValueError(f"image_size {config.image_size} is smaller than the patch size {config.patch_sizes[0]}.")
+        # Each stage is built for the map it gets at the training size: image_size // patch, then
+        # halved and rounded UP by every patch merging (it pads odd maps), e.g. 14, 7, 4 for 28 px
+        # with 2x2 patches. `EsViTConfig` guarantees every stage at least one token.
+        self.stage_resolutions = config.stage_resolutions()
+        self.min_input_size = config.min_input_size
+        base_resolution = self.stage_resolutions[0]
         self.base_resolution = base_resolution
         if config.use_absolute_embeddings:
             self.absolute_pos_embed = nn.Parameter(
@@ -315,13 +319,9 @@ class SwinEncoder(nn.Module):
         rates = torch.linspace(0, config.drop_path_rate, total, device="cpu").tolist()
         stages = []
         block_id = 0
-        for i, (dim, depth, heads) in enumerate(zip(config.hidden_sizes, config.depths, config.num_heads)):
-            resolution = base_resolution // 2**i
-            if resolution < 1:
-                raise ValueError(
-                    f"image_size {config.image_size} leaves stage {i + 1} without tokens; "
-                    f"it must be at least {config.patch_sizes[0] * 2 ** (config.num_stages - 1)}."
-                )
+        for i, (dim, depth, heads, resolution) in enumerate(
+            zip(config.hidden_sizes, config.depths, config.num_heads, self.stage_resolutions)
+        ):
             blocks = []
             for j in range(depth):
                 window, shift = pinned_window(resolution, config.window_size, shifted=j % 2 == 1)
@@ -354,15 +354,15 @@ class SwinEncoder(nn.Module):
         output_block_features: bool = False,
         attn_implementation: str = "sdpa",
     ) -> EncoderOutput:
-        check_pixel_values(pixel_values, self.config.num_channels)
-        patch = self.patch_embed.patch_size
-        if pixel_values.shape[2] < patch or pixel_values.shape[3] < patch:
-            raise ValueError(f"input {tuple(pixel_values.shape[2:])} is smaller than one {patch}x{patch} patch.")
-        if attn_implementation not in ("sdpa", "eager"):
-            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}.")
-        if output_attentions:
-            attn_implementation = "eager"  # only the eager path materialises the probabilities
-
+        pixel_values, attn_implementation = prepare_encoder_inputs(
+            pixel_values,
+            family="Swin",
+            num_channels=self.config.num_channels,
+            min_size=self.min_input_size,
+            dtype=self.patch_embed.proj.weight.dtype,
+            attn_implementation=attn_implementation,
+            output_attentions=output_attentions,
+        )
         x, spatial = self.patch_embed(pixel_values)  # [B, L0, C0]
         if self.absolute_pos_embed is not None:
             x = x + self._position_embedding(spatial)

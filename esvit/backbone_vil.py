@@ -42,7 +42,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_esvit import EsViTConfig
-from .layers import DropPath, EncoderOutput, Mlp, attend, check_pixel_values
+from .layers import DropPath, EncoderOutput, Mlp, attend, prepare_encoder_inputs
 
 #: Neighbour chunks in the order of the 3x3 neighbourhood, row-major over the offsets (-1, 0, 1);
 #: index 4 is the query's own chunk.
@@ -524,16 +524,20 @@ class VilEncoder(nn.Module):
 
     def __init__(self, config: EsViTConfig):
         super().__init__()
+        if config.backbone_type != "vil":
+            raise ValueError(f"VilEncoder needs backbone_type='vil', got {config.backbone_type!r}.")
         self.config = config
+        self.min_input_size = config.min_input_size
         self.vil_mode = config.vil_mode
         self.generator: torch.Generator | None = None
         self.num_global_tokens = tuple(config.vil_num_global_tokens)
         rates = torch.linspace(0, config.drop_path_rate, config.num_blocks, device="cpu").tolist()  # stochastic depth
-        stages, in_channels, grid, start = [], config.num_channels, config.image_size, 0
-        for i, (dim, depth, heads, patch) in enumerate(
-            zip(config.hidden_sizes, config.depths, config.num_heads, config.patch_sizes)
+        stages, in_channels, start = [], config.num_channels, 0
+        # side of each stage's map at the training size (strided convolutions drop a remainder)
+        grids = config.stage_resolutions()
+        for i, (dim, depth, heads, patch, grid) in enumerate(
+            zip(config.hidden_sizes, config.depths, config.num_heads, config.patch_sizes, grids)
         ):
-            grid //= patch
             g = config.vil_num_global_tokens[i]
             sparse = config.vil_attention_types[i] == "longformer"
             embeddings = VilEmbeddings(config, in_channels, dim, patch, g, grid)
@@ -567,9 +571,15 @@ class VilEncoder(nn.Module):
         output_block_features: bool = False,
         attn_implementation: str = "sdpa",
     ) -> EncoderOutput:
-        check_pixel_values(pixel_values, self.config.num_channels)
-        if output_attentions:
-            attn_implementation = "eager"
+        pixel_values, attn_implementation = prepare_encoder_inputs(
+            pixel_values,
+            family="ViL",
+            num_channels=self.config.num_channels,
+            min_size=self.min_input_size,
+            dtype=self.stages[0].embeddings.projection.weight.dtype,
+            attn_implementation=attn_implementation,
+            output_attentions=output_attentions,
+        )
         neighbours = iter(self.draw_neighbours())
         x = pixel_values
         stage_outputs, shapes, attentions, block_features = [], [], [], []
@@ -577,9 +587,7 @@ class VilEncoder(nn.Module):
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
             g = self.num_global_tokens[i]
-            hidden, spatial = stage.embeddings(x)  # [B, g+h*w, C]
-            if spatial[0] < 1 or spatial[1] < 1:
-                raise ValueError(f"input {tuple(pixel_values.shape[-2:])} is too small for stage {i + 1}.")
+            hidden, spatial = stage.embeddings(x)  # [B, g+h*w, C]; h, w >= 1 (checked above)
             if i == 0:
                 embedding_output = hidden[:, g:]
             for block in stage.blocks:

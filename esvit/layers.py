@@ -45,12 +45,65 @@ class EncoderOutput:
     block_features: tuple[torch.Tensor, ...] | None = None
 
 
-def check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
-    """Raise a clear error for input that is not a `[B, num_channels, H, W]` image batch."""
-    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def prepare_encoder_inputs(
+    pixel_values: torch.Tensor,
+    *,
+    family: str,
+    num_channels: int,
+    min_size: int,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    output_attentions: bool,
+) -> tuple[torch.Tensor, str]:
+    """The checks every backbone encoder's `forward` starts with, so that all families accept and
+    refuse the same inputs with the same messages.
+
+    Args:
+        pixel_values: `[B, num_channels, H, W]`, normalised floating-point images.
+        family: the backbone's name in messages ("Swin", "ViL", "CvT").
+        min_size: the smallest H and W the model accepts (`EsViTConfig.min_input_size`).
+        dtype: the dtype of the encoder's first weights. Floating-point input of another dtype is
+            cast to it, except under autocast, which chooses the compute dtype itself.
+        attn_implementation: "sdpa" or "eager".
+        output_attentions: attention maps exist on the eager path only, so this forces "eager".
+
+    Returns:
+        `(pixel_values, attn_implementation)` to run the encoder with.
+
+    Raises:
+        TypeError: not a tensor, or not floating point (e.g. raw uint8 pixels).
+        ValueError: another shape, an empty batch, an image smaller than `min_size`, or an unknown
+            attention implementation.
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    shape = tuple(pixel_values.shape)
+    if pixel_values.ndim != 4 or shape[1] != num_channels:
+        raise ValueError(f"pixel_values must be [batch, {num_channels}, height, width], got shape {shape}.")
+    if shape[0] == 0:
+        raise ValueError(f"pixel_values is an empty batch (shape {shape}); pass at least one image.")
+    if shape[2] < min_size or shape[3] < min_size:
         raise ValueError(
-            f"pixel_values must be [batch, {num_channels}, height, width], got shape {tuple(pixel_values.shape)}."
+            f"pixel_values of {shape[2]}x{shape[3]} px are too small for this {family} model: height and width "
+            f"must be at least {min_size} px (the total stride of its stages, one last-stage token)."
         )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values has dtype {pixel_values.dtype}, but the model takes normalised floating-point images. "
+            "Prepare raw images with the image processor (AutoImageProcessor.from_pretrained(<model folder>) or "
+            "esvit.image_processor_for(config)), or normalise them yourself: pixels / 255, minus the ImageNet "
+            "mean, divided by its standard deviation."
+        )
+    if pixel_values.dtype != dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+        pixel_values = pixel_values.to(dtype)
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}.")
+    if output_attentions:
+        attn_implementation = "eager"  # only the eager path materialises the probabilities
+    return pixel_values, attn_implementation
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
@@ -126,4 +179,4 @@ def attend(
     return out, None
 
 
-__all__ = ["EncoderOutput", "check_pixel_values", "DropPath", "QuickGELU", "Mlp", "attend", "drop_path"]
+__all__ = ["EncoderOutput", "prepare_encoder_inputs", "DropPath", "QuickGELU", "Mlp", "attend", "drop_path"]

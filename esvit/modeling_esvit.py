@@ -99,20 +99,26 @@ class EsViTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained` that refuses a checkpoint of another architecture.
+        """`PreTrainedModel.from_pretrained` that refuses weights which do not fit the configuration.
 
-        transformers only warns about missing weights and initialises them at random; for a backbone
-        that silently yields a useless model, so any missing backbone weight is an error here. Heads
-        may be missing (a plain `EsViTModel` folder loaded as `EsViTForPreTraining` gets new heads).
+        transformers only reports backbone weights that are missing (initialising them at random),
+        unexpected (dropping them) or of another shape; each of these means that config.json and the
+        weights disagree (another architecture, or e.g. other `depths`, `patch_norm`, `qkv_bias`),
+        and the result would be a silently broken model, so any of them is an error here. Heads
+        are exempt both ways: an `EsViTModel` folder loaded as `EsViTForPreTraining` gets new heads,
+        and an `EsViTForPreTraining` folder loaded as `EsViTModel` / `EsViTBackbone` drops them.
         """
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = [k for k in info.get("missing_keys", ()) if not k.startswith(("head.", "head_dense."))]
+        missing = _backbone_keys(info.get("missing_keys", ()))
+        unexpected = _backbone_keys(info.get("unexpected_keys", ()))
         mismatched = list(info.get("mismatched_keys", ()))
-        if missing or mismatched:
+        if missing or unexpected or mismatched:
             raise ValueError(
-                f"the checkpoint does not fit this {model.config.backbone_type} EsViT configuration: "
-                f"{len(missing)} backbone weights missing (e.g. {sorted(missing)[:3]}), "
+                f"the checkpoint does not fit this {model.config.backbone_type} EsViT configuration: the config and "
+                f"the weights disagree (another architecture, or e.g. other depths, patch_norm or qkv_bias). "
+                f"{len(missing)} backbone weights missing (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
                 f"{len(mismatched)} with another shape (e.g. {mismatched[:3]})."
             )
         return (model, info) if want_info else model
@@ -144,6 +150,14 @@ class EsViTPreTrainedModel(PreTrainedModel):
             init.kaiming_uniform_(module.weight_v, a=5**0.5)
         if hasattr(module, "_init_esvit_weights"):
             module._init_esvit_weights(std)
+
+
+HEAD_PREFIXES = ("head.", "head_dense.")
+
+
+def _backbone_keys(keys) -> list[str]:
+    """The sorted keys of a loading report that belong to the backbone (not to the two heads)."""
+    return sorted(k for k in keys if not k.startswith(HEAD_PREFIXES))
 
 
 AUTO_MAP = {
