@@ -8,35 +8,11 @@ import argparse
 
 import pytest
 import torch
-from conftest import load_reference_state_dict
-from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForPreTraining
 
 import esvit  # noqa: F401  (registers the Auto classes)
-from esvit import EsViTConfig
 from esvit.conversion.original import convert_checkpoint, infer_preset, load_original_checkpoint, main
-
-TINY_SWIN = dict(
-    backbone_type="swin",
-    hidden_sizes=(8, 16, 32, 64),
-    depths=(2, 2, 2, 2),
-    num_heads=(1, 2, 2, 4),
-    window_size=7,
-    drop_path_rate=0.0,
-    head_out_dim=64,
-    head_hidden_dim=64,
-    head_bottleneck_dim=32,
-    head_norm_last_layer=False,
-)
-TINY_CVT = dict(
-    TINY_SWIN,
-    backbone_type="cvt",
-    depths=(1, 2, 2, 2),
-    patch_sizes=(7, 3, 3, 3),
-    patch_strides=(4, 2, 2, 2),
-    patch_padding=(2, 1, 1, 1),
-    layer_norm_eps=1e-5,
-)
+from tests.reference import load_reference_outputs, load_reference_state_dict, reference_config
 
 
 def original_checkpoint(state: dict, teacher_prefix: str, arch: str) -> dict:
@@ -52,11 +28,9 @@ def original_checkpoint(state: dict, teacher_prefix: str, arch: str) -> dict:
     }
 
 
-@pytest.mark.parametrize(
-    "name, kwargs, teacher_prefix", [("swin_tiny_w7", TINY_SWIN, ""), ("cvt_tiny", TINY_CVT, "module.")]
-)
+@pytest.mark.parametrize("name, teacher_prefix", [("swin_tiny_w7", ""), ("cvt_tiny", "module.")])
 def test_converted_folders_reproduce_the_original(
-    name, kwargs, teacher_prefix, tmp_path, reference_dir, reference_manifest, reference_inputs
+    name, teacher_prefix, tmp_path, reference_dir, reference_manifest, reference_inputs
 ):
     state = load_reference_state_dict(reference_dir, reference_manifest, name)
     path = tmp_path / "checkpoint.pth"
@@ -64,12 +38,12 @@ def test_converted_folders_reproduce_the_original(
     checkpoint = load_original_checkpoint(path)  # weights_only with the Namespace allow-listed
     assert infer_preset(checkpoint) == "swin-tiny-w7"
 
-    model = convert_checkpoint(checkpoint, EsViTConfig(**kwargs), which="teacher")
+    model = convert_checkpoint(checkpoint, reference_config(reference_manifest, name), which="teacher")
     out = tmp_path / "converted"
     model.save_pretrained(out / "pretraining")
     model.esvit.save_pretrained(out / "model")
 
-    expected = load_file(reference_dir / f"{name}.outputs.safetensors")
+    expected = load_reference_outputs(reference_dir, reference_manifest, name)
     backbone = AutoModel.from_pretrained(out / "model").eval()
     got = backbone(reference_inputs["global_view1"])
     torch.testing.assert_close(got.pooler_output, expected["pooled_global"], atol=1e-5, rtol=1e-4)
@@ -92,6 +66,6 @@ def test_cli_and_wrong_architecture(tmp_path, reference_dir, reference_manifest)
     with pytest.raises(ValueError, match="checkpoint does not match"):
         main([str(path), str(tmp_path / "out"), "--preset", "swin-tiny-w7"])
     with pytest.raises(ValueError, match="not a key of an original CvT"):
-        convert_checkpoint(load_original_checkpoint(path), EsViTConfig(**TINY_CVT))
+        convert_checkpoint(load_original_checkpoint(path), reference_config(reference_manifest, "cvt_tiny"))
     with pytest.raises(ValueError, match="no 'teacher' entry"):
-        convert_checkpoint({"student": {}}, EsViTConfig(**TINY_SWIN))
+        convert_checkpoint({"student": {}}, reference_config(reference_manifest, "swin_tiny_w7"))

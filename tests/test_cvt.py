@@ -6,45 +6,27 @@ import json
 
 import pytest
 import torch
-from conftest import load_reference_state_dict
 
 from esvit.backbone_cvt import CvtEncoder
 from esvit.configuration_esvit import EsViTConfig
 from esvit.conversion.cvt import original_cvt_to_esvit
 from esvit.modeling_esvit import EsViTModel
+from tests.reference import (
+    REFERENCE_HEAD_SIZES,
+    load_reference_outputs,
+    load_reference_state_dict,
+    reference_config,
+    split_heads,
+    tiny_config,
+)
 
 ATOL, RTOL = 1e-5, 1e-4
 ENCODER_PREFIX = "encoder."
 
 
-def tiny_config(**overrides) -> EsViTConfig:
-    """The `cvt_tiny` reference model (manifest constructor kwargs) as an EsViTConfig."""
-    kwargs = dict(
-        backbone_type="cvt",
-        hidden_sizes=(8, 16, 32, 64),
-        depths=(1, 2, 2, 2),
-        num_heads=(1, 2, 2, 4),
-        patch_sizes=(7, 3, 3, 3),
-        patch_strides=(4, 2, 2, 2),
-        patch_padding=(2, 1, 1, 1),
-        window_size=7,
-        mlp_ratio=4.0,
-        qkv_bias=True,
-        drop_path_rate=0.0,
-        layer_norm_eps=1e-5,
-        cvt_qkv_kernel_size=3,
-        cvt_qkv_padding=1,
-        head_hidden_dim=64,
-        head_bottleneck_dim=32,
-        head_out_dim=64,
-    )
-    kwargs.update(overrides)
-    return EsViTConfig(**kwargs)
-
-
 def original_backbone_state(reference_dir, manifest) -> dict[str, torch.Tensor]:
-    state = load_reference_state_dict(reference_dir, manifest, "cvt_tiny")
-    return {k: v for k, v in state.items() if not k.startswith(("head.", "head_dense."))}
+    backbone, _ = split_heads(load_reference_state_dict(reference_dir, manifest, "cvt_tiny"))
+    return backbone
 
 
 def strip_encoder_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -53,10 +35,8 @@ def strip_encoder_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 @pytest.fixture(scope="module")
-def reference_outputs(reference_dir) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(reference_dir / "cvt_tiny.outputs.safetensors")
+def reference_outputs(reference_dir, reference_manifest) -> dict[str, torch.Tensor]:
+    return load_reference_outputs(reference_dir, reference_manifest, "cvt_tiny")
 
 
 def check_against_reference(name: str, actual: torch.Tensor, expected: torch.Tensor, tag: str) -> None:
@@ -69,7 +49,7 @@ def check_against_reference(name: str, actual: torch.Tensor, expected: torch.Ten
 def test_encoder_matches_original(
     reference_dir, reference_manifest, reference_inputs, reference_outputs, attn_implementation
 ):
-    encoder = CvtEncoder(tiny_config()).eval()
+    encoder = CvtEncoder(tiny_config("cvt", **REFERENCE_HEAD_SIZES)).eval()
     converted = original_cvt_to_esvit(original_backbone_state(reference_dir, reference_manifest))
     encoder.load_state_dict(strip_encoder_prefix(converted), strict=True)
 
@@ -97,7 +77,7 @@ def test_encoder_matches_original(
 
 
 def test_model_matches_original(reference_dir, reference_manifest, reference_inputs, reference_outputs):
-    model = EsViTModel(tiny_config()).eval()
+    model = EsViTModel(tiny_config("cvt", **REFERENCE_HEAD_SIZES)).eval()
     converted = original_cvt_to_esvit(original_backbone_state(reference_dir, reference_manifest))
     model.load_state_dict(converted, strict=True)
 
@@ -161,7 +141,7 @@ def random_input(size: int, batch: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("size", [224, 96, 80])
 def test_sdpa_matches_eager(size):
     torch.manual_seed(0)
-    encoder = CvtEncoder(tiny_config()).eval()
+    encoder = CvtEncoder(tiny_config("cvt", **REFERENCE_HEAD_SIZES)).eval()
     pixels = random_input(size)
     with torch.no_grad():
         sdpa = encoder(pixels, output_block_features=True)
@@ -177,7 +157,7 @@ def test_sdpa_matches_eager(size):
 
 def test_window_shapes_at_96_px():
     # Stages of 24, 12, 6, 3 tokens: windows of 7 (24 padded to 28), 7 (12 -> 14), 6 and 3.
-    encoder = CvtEncoder(tiny_config()).eval()
+    encoder = CvtEncoder(tiny_config("cvt", **REFERENCE_HEAD_SIZES)).eval()
     with torch.no_grad():
         out = encoder(random_input(96), output_attentions=True, output_hidden_states=True)
     assert out.stage_spatial_shapes == ((24, 24), (12, 12), (6, 6), (3, 3))
@@ -190,11 +170,11 @@ def test_window_shapes_at_96_px():
 def test_rejects_unsupported_settings():
     # the configuration refuses them before any module is built
     with pytest.raises(Exception, match="cvt_qkv_padding"):
-        tiny_config(cvt_qkv_padding=0)
+        tiny_config("cvt", **REFERENCE_HEAD_SIZES, cvt_qkv_padding=0)
     with pytest.raises(Exception, match="absolute position"):
-        tiny_config(use_absolute_embeddings=True)
+        tiny_config("cvt", **REFERENCE_HEAD_SIZES, use_absolute_embeddings=True)
     with pytest.raises(ValueError, match="pixel_values"):
-        CvtEncoder(tiny_config())(torch.zeros(1, 1, 64, 64))
+        CvtEncoder(tiny_config("cvt", **REFERENCE_HEAD_SIZES))(torch.zeros(1, 1, 64, 64))
 
 
 # ------------------------------------------------------------------- training-mode behaviour
@@ -204,7 +184,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = EsViTModel(tiny_config())
+        model = EsViTModel(tiny_config("cvt", **REFERENCE_HEAD_SIZES))
         if checkpointing:
             model.activation_checkpointing_enable()
             blocks = [b for stage in model.encoder.stages for b in stage.blocks]
@@ -218,7 +198,7 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 def test_save_load_round_trip_is_exact(tmp_path):
     torch.manual_seed(0)
-    model = EsViTModel(tiny_config())
+    model = EsViTModel(tiny_config("cvt", **REFERENCE_HEAD_SIZES))
     model.train()
     with torch.no_grad():  # moves the BatchNorm running statistics away from their init
         model(random_input(96))
@@ -241,10 +221,10 @@ def test_pretraining_heads_match_original(reference_dir, reference_manifest, ref
     from esvit.modeling_esvit import EsViTForPreTraining
 
     state = load_reference_state_dict(reference_dir, reference_manifest, "cvt_tiny")
-    backbone = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dense."))}
+    backbone, heads = split_heads(state)
     converted = {f"esvit.{k}": v for k, v in original_cvt_to_esvit(backbone).items()}
-    converted.update({k: v for k, v in state.items() if k.startswith(("head.", "head_dense."))})
-    model = EsViTForPreTraining(tiny_config(head_norm_last_layer=False)).eval()
+    converted.update(heads)
+    model = EsViTForPreTraining(reference_config(reference_manifest, "cvt_tiny")).eval()
     model.load_state_dict(converted, strict=True)
 
     crops = [reference_inputs[k] for k in ("global_view1", "global_view2", "local_view1", "local_view2")]

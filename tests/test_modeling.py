@@ -17,33 +17,17 @@ from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel
 
 import esvit
 from esvit import EsViTBackbone, EsViTConfig, EsViTForPreTraining, EsViTModel
+from tests import reference
+from tests.reference import FAMILIES
 
-TINY = {
-    "swin": dict(backbone_type="swin", hidden_sizes=(8, 16, 32, 64), depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4)),
-    "vil": dict(
-        backbone_type="vil",
-        hidden_sizes=(8, 16, 32, 64),
-        depths=(1, 2, 1, 1),
-        num_heads=(1, 2, 2, 4),
-        layer_norm_eps=1e-6,
-    ),
-    "cvt": dict(
-        backbone_type="cvt",
-        hidden_sizes=(8, 16, 32, 64),
-        depths=(1, 2, 1, 1),
-        num_heads=(1, 2, 2, 4),
-        patch_sizes=(7, 3, 3, 3),
-        patch_strides=(4, 2, 2, 2),
-        patch_padding=(2, 1, 1, 1),
-        layer_norm_eps=1e-5,
-    ),
-}
+# Shallower than the reference models, smaller heads, and ViL in its default mode (0, not 1).
+DEPTHS = (1, 2, 1, 1)
 HEADS = dict(head_hidden_dim=32, head_bottleneck_dim=16, head_out_dim=64)
-FAMILIES = sorted(TINY)
+FAMILY_OVERRIDES = {"swin": {}, "vil": dict(vil_mode=0), "cvt": {}}
 
 
 def tiny_config(family: str, **overrides) -> EsViTConfig:
-    return EsViTConfig(**{**TINY[family], "drop_path_rate": 0.0, **HEADS, **overrides})
+    return reference.tiny_config(family, **{"depths": DEPTHS, **FAMILY_OVERRIDES[family], **HEADS, **overrides})
 
 
 def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -13,6 +13,7 @@ from torch import nn
 from esvit.heads import DINOHead
 from esvit.training.optim import cancel_last_layer_gradients, clip_gradients, get_param_groups, update_teacher
 from esvit.training.schedules import build_schedules, cosine_schedule, teacher_temp_schedule
+from tests.reference import reference_config
 
 
 @pytest.fixture(scope="module")
@@ -82,22 +83,10 @@ def test_schedule_arguments_are_checked():
 
 
 def test_param_groups_match_original_split(reference_manifest):
-    from esvit.configuration_esvit import EsViTConfig
     from esvit.modeling_esvit import EsViTForPreTraining
 
-    config = EsViTConfig(
-        backbone_type="swin",
-        hidden_sizes=(8, 16, 32, 64),
-        depths=(2, 2, 2, 2),
-        num_heads=(1, 2, 2, 4),
-        patch_sizes=(4, 2, 2, 2),
-        window_size=7,
-        layer_norm_eps=1e-6,
-        head_out_dim=64,
-        head_hidden_dim=64,
-        head_bottleneck_dim=32,
-        head_norm_last_layer=False,
-    )
+    # drop_path_rate at the config default (0.1), as this test always had it: it adds no parameter
+    config = reference_config(reference_manifest, "swin_tiny_w7", drop_path_rate=0.1)
     model = EsViTForPreTraining(config)
     names = {id(p): n.removeprefix("esvit.encoder.") for n, p in model.named_parameters()}
     groups = get_param_groups(model)

@@ -12,12 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_reference_state_dict
-from safetensors.torch import load_file
 
 from esvit.backbone_swin import SwinEncoder, shift_window_mask, window_merge, window_partition
 from esvit.configuration_esvit import PRESETS, EsViTConfig
 from esvit.conversion.swin import is_derived_buffer, original_swin_to_esvit
+from tests.reference import (
+    load_reference_outputs,
+    load_reference_state_dict,
+    reference_config,
+    split_heads,
+    tiny_config,
+)
 
 SWIN_TINY_REFERENCES = ("swin_tiny_w7", "swin_tiny_w14")
 # Every released (or configured) full-size Swin; swin-micro is a test-only size with no original.
@@ -26,49 +31,9 @@ FEATURES = ("pooled_global", "region_global", "pooled_local", "region_local", "l
 ATOL, RTOL = 1e-5, 1e-4
 
 
-def tiny_config(window_size: int = 7, **overrides) -> EsViTConfig:
-    return EsViTConfig(
-        backbone_type="swin",
-        image_size=224,
-        hidden_sizes=(8, 16, 32, 64),
-        depths=(2, 2, 2, 2),
-        num_heads=(1, 2, 2, 4),
-        patch_sizes=(4, 2, 2, 2),
-        window_size=window_size,
-        drop_path_rate=0.0,
-        layer_norm_eps=1e-6,
-        **overrides,
-    )
-
-
-def config_from_manifest(kwargs: dict) -> EsViTConfig:
-    """The EsViTConfig equivalent of the original constructor kwargs recorded in the manifest."""
-    assert kwargs["norm_layer"] == "partial(nn.LayerNorm, eps=1e-6)" and kwargs["qk_scale"] is None
-    depth = len(kwargs["depths"])
-    return EsViTConfig(
-        backbone_type="swin",
-        image_size=kwargs["img_size"],
-        num_channels=kwargs["in_chans"],
-        hidden_sizes=tuple(kwargs["embed_dim"] * 2**i for i in range(depth)),
-        depths=tuple(kwargs["depths"]),
-        num_heads=tuple(kwargs["num_heads"]),
-        patch_sizes=(kwargs["patch_size"],) + (2,) * (depth - 1),
-        window_size=kwargs["window_size"],
-        mlp_ratio=kwargs["mlp_ratio"],
-        qkv_bias=kwargs["qkv_bias"],
-        drop_path_rate=kwargs["drop_path_rate"],
-        hidden_dropout_prob=kwargs["drop_rate"],
-        attention_probs_dropout_prob=kwargs["attn_drop_rate"],
-        layer_norm_eps=1e-6,
-        use_absolute_embeddings=kwargs["ape"],
-        patch_norm=kwargs["patch_norm"],
-    )
-
-
 def reference_encoder_weights(reference_dir: Path, manifest: dict, name: str) -> dict[str, torch.Tensor]:
     """Original backbone weights converted to EsViTModel keys (`encoder.*`)."""
-    state = load_reference_state_dict(reference_dir, manifest, name)
-    backbone = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dense."))}
+    backbone, _ = split_heads(load_reference_state_dict(reference_dir, manifest, name))
     return original_swin_to_esvit(backbone)
 
 
@@ -89,11 +54,11 @@ def report(label: str, got: dict[str, torch.Tensor], expected: dict[str, torch.T
 @pytest.mark.parametrize("name", SWIN_TINY_REFERENCES)
 def test_encoder_matches_original(name, reference_dir, reference_manifest, reference_inputs):
     entry = reference_manifest["models"][name]
-    config = config_from_manifest(entry["constructor_kwargs"])
+    config = reference_config(reference_manifest, name, heads=False)
     assert tuple(entry["depths_for_n_last_blocks"]) == config.depths
     encoder = SwinEncoder(config).eval()
     encoder.load_state_dict(strip_encoder_prefix(reference_encoder_weights(reference_dir, reference_manifest, name)))
-    expected = load_file(reference_dir / entry["files"]["outputs"])
+    expected = load_reference_outputs(reference_dir, reference_manifest, name)
     for impl in ("sdpa", "eager"):
         with torch.no_grad():
             glob = encoder(reference_inputs["global_view1"], output_block_features=True, attn_implementation=impl)
@@ -115,11 +80,10 @@ def test_encoder_matches_original(name, reference_dir, reference_manifest, refer
 def test_model_matches_original(name, reference_dir, reference_manifest, reference_inputs):
     from esvit.modeling_esvit import EsViTModel
 
-    entry = reference_manifest["models"][name]
-    model = EsViTModel(config_from_manifest(entry["constructor_kwargs"])).eval()
+    model = EsViTModel(reference_config(reference_manifest, name, heads=False)).eval()
     weights = reference_encoder_weights(reference_dir, reference_manifest, name)
     model.encoder.load_state_dict(strip_encoder_prefix(weights))
-    expected = load_file(reference_dir / entry["files"]["outputs"])
+    expected = load_reference_outputs(reference_dir, reference_manifest, name)
     glob_view, local_view = reference_inputs["global_view1"], reference_inputs["local_view1"]
     with torch.no_grad():
         glob, local = model(glob_view), model(local_view)
@@ -137,7 +101,7 @@ def test_model_state_dict_loads_strictly_from_converted_checkpoint(reference_dir
     from esvit.modeling_esvit import EsViTModel
 
     name = "swin_tiny_w7"
-    model = EsViTModel(config_from_manifest(reference_manifest["models"][name]["constructor_kwargs"]))
+    model = EsViTModel(reference_config(reference_manifest, name, heads=False))
     model.load_state_dict(reference_encoder_weights(reference_dir, reference_manifest, name), strict=True)
 
 
@@ -146,8 +110,8 @@ def test_window_geometry_is_pinned_at_training_size():
         return [(b.window_size, b.shift_size) for stage in SwinEncoder(config).layers for b in stage.blocks]
 
     # 224 px: stage resolutions 56, 28, 14, 7. A stage that fits one window never shifts.
-    assert geometry(tiny_config(7)) == [(7, 0), (7, 3)] * 3 + [(7, 0), (7, 0)]
-    assert geometry(tiny_config(14)) == [(14, 0), (14, 7)] * 2 + [(14, 0), (14, 0), (7, 0), (7, 0)]
+    assert geometry(tiny_config("swin", window_size=7)) == [(7, 0), (7, 3)] * 3 + [(7, 0), (7, 0)]
+    assert geometry(tiny_config("swin", window_size=14)) == [(14, 0), (14, 7)] * 2 + [(14, 0), (14, 0), (7, 0), (7, 0)]
 
 
 # ------------------------------------------------------------------------- full-size presets
@@ -206,7 +170,7 @@ def test_converter_rejects_heads_prefixes_and_unknown_keys():
 @pytest.fixture(scope="module")
 def random_encoder() -> SwinEncoder:
     torch.manual_seed(0)
-    encoder = SwinEncoder(tiny_config(7))
+    encoder = SwinEncoder(tiny_config("swin"))
     with torch.no_grad():  # non-trivial norms and biases so every parameter matters
         for name, p in encoder.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -253,7 +217,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     from esvit.modeling_esvit import EsViTModel
 
     torch.manual_seed(0)
-    model = EsViTModel(tiny_config(7)).train()
+    model = EsViTModel(tiny_config("swin")).train()
     pixels = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
     target = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(3))
     calls = []
@@ -334,7 +298,7 @@ def test_window_partition_round_trip():
 
 # ------------------------------------------------------------------------ position embedding
 def test_absolute_position_embedding():
-    config = tiny_config(7, use_absolute_embeddings=True)
+    config = tiny_config("swin", use_absolute_embeddings=True)
     torch.manual_seed(0)
     encoder = SwinEncoder(config).eval()
     assert encoder.absolute_pos_embed.shape == (1, 56 * 56, 8)
@@ -357,7 +321,7 @@ def test_save_and_reload_rebuilds_derived_buffers(tmp_path):
     from esvit.modeling_esvit import EsViTModel
 
     torch.manual_seed(0)
-    model = EsViTModel(tiny_config(7)).eval()
+    model = EsViTModel(tiny_config("swin")).eval()
     model.save_pretrained(tmp_path)
     reloaded = EsViTModel.from_pretrained(tmp_path).eval()
     for (name, a), (_, b) in zip(model.named_buffers(), reloaded.named_buffers()):

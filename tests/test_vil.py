@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_reference_state_dict
-from safetensors.torch import load_file
 
 from esvit.backbone_vil import (
     OTHER_CHUNKS,
@@ -27,58 +25,17 @@ from esvit.backbone_vil import (
 )
 from esvit.configuration_esvit import EsViTConfig
 from esvit.conversion.vil import alias_source, key_role, original_vil_to_esvit, rename_key
+from tests.reference import (
+    REFERENCE_HEAD_SIZES,
+    load_reference_outputs,
+    load_reference_state_dict,
+    reference_config,
+    split_heads,
+    tiny_config,
+)
 
 FEATURES = ("pooled_global", "region_global", "pooled_local", "region_local", "linear_n1", "linear_n4", "linear_n5")
 ATOL, RTOL = 1e-5, 1e-4
-
-
-def config_from_manifest(kwargs: dict) -> EsViTConfig:
-    """The EsViTConfig equivalent of the original `MsViT` constructor kwargs in the manifest."""
-    assert kwargs["sharew"] and kwargs["attn_type"] == "longformerhand" and kwargs["sw_exact"] == 0
-    assert not kwargs["avg_pool"] and not kwargs["only_glo"]
-    stages = [{field[0]: int(field[1:]) for field in stage.split(",")} for stage in kwargs["arch"].split("_")]
-    windows = {s["f"] for s in stages}
-    absolute = {s["a"] for s in stages}
-    assert len(windows) == 1 and len(absolute) == 1, "one window size and one position scheme for all stages"
-    return EsViTConfig(
-        backbone_type="vil",
-        image_size=kwargs["img_size"],
-        hidden_sizes=tuple(s["d"] for s in stages),
-        depths=tuple(s["n"] for s in stages),
-        num_heads=tuple(s["h"] for s in stages),
-        patch_sizes=tuple(s["p"] for s in stages),
-        window_size=windows.pop(),
-        drop_path_rate=kwargs["drop_path_rate"],
-        hidden_dropout_prob=kwargs["drop_rate"],
-        layer_norm_eps=kwargs["ln_eps"],
-        use_absolute_embeddings=bool(absolute.pop()),
-        patch_norm=kwargs["norm_embed"],
-        vil_attention_types=tuple("longformer" if s["s"] else "full" for s in stages),
-        vil_num_global_tokens=tuple(s["g"] for s in stages),
-        vil_mode=kwargs["mode"],
-        head_hidden_dim=64,
-        head_bottleneck_dim=32,
-        head_out_dim=64,
-    )
-
-
-def tiny_config(**overrides) -> EsViTConfig:
-    values = dict(
-        backbone_type="vil",
-        hidden_sizes=(8, 16, 32, 64),
-        depths=(1, 2, 2, 2),
-        num_heads=(1, 2, 2, 4),
-        patch_sizes=(4, 2, 2, 2),
-        window_size=7,
-        drop_path_rate=0.0,
-        vil_attention_types=("longformer", "longformer", "full", "full"),
-        vil_num_global_tokens=(1, 1, 1, 0),
-        vil_mode=1,
-        head_hidden_dim=64,
-        head_bottleneck_dim=32,
-        head_out_dim=64,
-    )
-    return EsViTConfig(**{**values, **overrides})
 
 
 def randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -91,8 +48,8 @@ def randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def reference_encoder_weights(reference_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    state = load_reference_state_dict(reference_dir, manifest, "vil_tiny")
-    return original_vil_to_esvit({k: v for k, v in state.items() if not k.startswith(("head.", "head_dense."))})
+    backbone, _ = split_heads(load_reference_state_dict(reference_dir, manifest, "vil_tiny"))
+    return original_vil_to_esvit(backbone)
 
 
 def strip_encoder_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,9 +78,9 @@ def encoder_features(encoder: VilEncoder, inputs: dict, implementation: str) -> 
 @pytest.fixture(scope="module")
 def reference(reference_dir, reference_manifest):
     entry = reference_manifest["models"]["vil_tiny"]
-    config = config_from_manifest(entry["constructor_kwargs"])
+    config = reference_config(reference_manifest, "vil_tiny", heads=False, **REFERENCE_HEAD_SIZES)
     assert tuple(config.depths) == tuple(entry["depths_for_n_last_blocks"])
-    outputs = load_file(reference_dir / entry["files"]["outputs"])
+    outputs = load_reference_outputs(reference_dir, reference_manifest, "vil_tiny")
     return config, reference_encoder_weights(reference_dir, reference_manifest), outputs
 
 
@@ -131,7 +88,8 @@ def reference(reference_dir, reference_manifest):
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_encoder_matches_original(implementation, reference, reference_inputs):
     config, weights, expected = reference
-    assert config == tiny_config()  # the manifest's arch string is the tiny preset used elsewhere
+    # the manifest's arch string is the tiny preset used elsewhere
+    assert config == tiny_config("vil", **REFERENCE_HEAD_SIZES)
     encoder = VilEncoder(config).eval()
     encoder.load_state_dict(strip_encoder_prefix(weights), strict=True)
     got = encoder_features(encoder, reference_inputs, implementation)
@@ -177,7 +135,7 @@ def test_meta_device_build_rebuilds_derived_buffers(reference, reference_inputs)
 
 def test_save_and_reload(tmp_path, reference_inputs):
     modeling = pytest.importorskip("esvit.modeling_esvit", reason="EsViTModel not available")
-    model = modeling.EsViTModel(tiny_config()).eval()
+    model = modeling.EsViTModel(tiny_config("vil", **REFERENCE_HEAD_SIZES)).eval()
     model.save_pretrained(tmp_path)
     reloaded = modeling.EsViTModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
@@ -220,7 +178,7 @@ def test_preset_matches_original_keys_and_parameter_count(reference_dir):
 
 def test_converter_rejects_heads_prefixes_unknown_keys_and_unequal_aliases(reference_dir, reference_manifest):
     state = load_reference_state_dict(reference_dir, reference_manifest, "vil_tiny")
-    backbone = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dense."))}
+    backbone, _ = split_heads(state)
     converted = original_vil_to_esvit(backbone)
     assert not any("relative_position_index" in k or "_global." in k for k in converted)
     with pytest.raises(ValueError, match="head"):
@@ -273,7 +231,7 @@ def dense_sparse_attention(attn: VilSparseAttention, x: torch.Tensor, spatial, n
 @pytest.mark.parametrize("spatial", [(8, 8), (10, 7), (5, 11)])
 @pytest.mark.parametrize("chunk", [None, *OTHER_CHUNKS])
 def test_sparse_attention_equals_masked_dense_attention(spatial, chunk):
-    config = tiny_config(window_size=4)
+    config = tiny_config("vil", **REFERENCE_HEAD_SIZES, window_size=4)
     attn = randomised(VilSparseAttention(config, dim=8, num_heads=2, num_global_tokens=1, relative=True))
     x = torch.randn(2, 1 + spatial[0] * spatial[1], 8, generator=torch.Generator().manual_seed(3))
     neighbours = None if chunk is None else torch.tensor([SELF_CHUNK, chunk])
@@ -303,7 +261,7 @@ def forward_pooled(encoder: VilEncoder, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_random_neighbour_mode_is_seeded_and_eval_uses_all_nine():
-    encoder = randomised(VilEncoder(tiny_config(vil_mode=1)), seed=1)
+    encoder = randomised(VilEncoder(tiny_config("vil", **REFERENCE_HEAD_SIZES, vil_mode=1)), seed=1)
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     encoder.train()
     draws = {seed: [n.tolist() for n in encoder.manual_seed(seed).draw_neighbours()] for seed in (0, 1)}
@@ -325,7 +283,7 @@ def test_random_neighbour_mode_is_seeded_and_eval_uses_all_nine():
 
 
 def test_default_generator_follows_torch_manual_seed():
-    encoder = VilEncoder(tiny_config(vil_mode=1)).train()
+    encoder = VilEncoder(tiny_config("vil", **REFERENCE_HEAD_SIZES, vil_mode=1)).train()
     torch.manual_seed(7)
     first = [n.tolist() for n in encoder.draw_neighbours()]
     torch.manual_seed(7)
@@ -334,7 +292,7 @@ def test_default_generator_follows_torch_manual_seed():
 
 def test_gradient_checkpointing_reuses_the_drawn_neighbours():
     modeling = pytest.importorskip("esvit.modeling_esvit", reason="EsViTModel not available")
-    model = randomised(modeling.EsViTModel(tiny_config(vil_mode=1)), seed=2).train()
+    model = randomised(modeling.EsViTModel(tiny_config("vil", **REFERENCE_HEAD_SIZES, vil_mode=1)), seed=2).train()
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
 
     def grads() -> list[torch.Tensor]:
@@ -354,7 +312,7 @@ def test_gradient_checkpointing_reuses_the_drawn_neighbours():
 @pytest.mark.parametrize("size", [224, 96])
 @pytest.mark.parametrize("training", [False, True])
 def test_sdpa_matches_eager(size, training):
-    encoder = randomised(VilEncoder(tiny_config(vil_mode=1)), seed=3).train(training)
+    encoder = randomised(VilEncoder(tiny_config("vil", **REFERENCE_HEAD_SIZES, vil_mode=1)), seed=3).train(training)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
     outs = {}
     for implementation in ("sdpa", "eager"):
@@ -368,7 +326,7 @@ def test_sdpa_matches_eager(size, training):
 
 
 def test_outputs_and_attention_shapes():
-    encoder = VilEncoder(tiny_config()).eval()
+    encoder = VilEncoder(tiny_config("vil", **REFERENCE_HEAD_SIZES)).eval()
     with torch.no_grad():
         out = encoder(torch.randn(1, 3, 96, 96), output_hidden_states=True, output_attentions=True)
     assert [tuple(s) for s in out.stage_spatial_shapes] == [(24, 24), (12, 12), (6, 6), (3, 3)]
