@@ -21,6 +21,13 @@ Examples:
     # several GPUs: features are extracted in parallel and gathered in dataset order
     accelerate launch run_linear_probe.py --model_name_or_path ... --protocol all --output_dir ...
 
+Images are decoded as in pretraining (``esvit.images.decode_image``: EXIF orientation, a pixel cap
+``--max_image_pixels``). An image that cannot be decoded (truncated, not an image, over the cap) is
+skipped and named in the log; ``results.json`` counts (``skipped_images``) and names
+(``skipped_image_names``) them per split, and the run aborts when more than ``--max_bad_fraction`` of
+a split is broken. A dataset without an evaluation split (e.g. an image folder of class
+sub-folders) is evaluated on a stratified ``--train_val_split`` of train (0.15 unless given).
+
 Writes ``results.json`` to ``--output_dir``; when the model is a local folder, its model card
 (README.md) gets ``model-index`` entries stating each protocol, and ``--push_to_hub`` uploads it.
 """
@@ -44,15 +51,21 @@ from transformers import AutoModel, HfArgumentParser
 
 import esvit  # noqa: F401  (registers the esvit model type with AutoModel)
 from esvit.evaluation.data import (
+    DEFAULT_TRAIN_VAL_SPLIT,
+    DecodeCheckDataset,
     LabelledImageDataset,
+    LabelledSplit,
+    ProbeSplits,
     build_eval_transform,
     build_train_transform,
+    check_undecodable,
     collate_labelled,
-    load_labelled_split,
+    load_probe_splits,
 )
-from esvit.evaluation.features import FEATURE_KINDS, extract_features
+from esvit.evaluation.features import FEATURE_KINDS, extract_features, find_undecodable_rows
 from esvit.evaluation.knn import knn_classify
 from esvit.evaluation.linear_probe import fast_linear_probe, train_linear_probe
+from esvit.images import DEFAULT_MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +94,14 @@ class DataArguments:
     train_file: str | None = _arg(None, "Parquet/arrow/csv/json file(s) of the train split.")
     eval_file: str | None = _arg(None, "Parquet/arrow/csv/json file(s) of the eval split.")
     train_split: str = _arg("train")
-    eval_split: str | None = _arg(None, "Default: the first of validation, val, test.")
+    eval_split: str | None = _arg(
+        None, "Default: the first of validation, val, test; if none exists, --train_val_split of train is held out."
+    )
+    train_val_split: float | None = _arg(
+        None,
+        "Share of train held out (stratified, seeded by --seed) for evaluation when the dataset has no evaluation "
+        f"split, e.g. an image folder of class sub-folders. Default: {DEFAULT_TRAIN_VAL_SPLIT} in that case.",
+    )
     image_column: str | None = _arg(None, "Default: guessed (image, img, ...).")
     label_column: str | None = _arg(None, "Default: guessed (label, labels, ...).")
     max_train_samples: int | None = _arg(None, "Keep only the first rows (quick runs).")
@@ -90,6 +110,12 @@ class DataArguments:
     resize_size: int | None = _arg(None, "Short side before the centre crop; default image_size * 256 / 224.")
     cache_dir: str | None = _arg(None)
     dataloader_num_workers: int = _arg(4)
+    max_image_pixels: int = _arg(
+        DEFAULT_MAX_IMAGE_PIXELS, "Skip images of more pixels (width x height, read from the header); 0: no cap."
+    )
+    max_bad_fraction: float = _arg(
+        0.01, "Abort when more than this share of a split cannot be decoded (undecodable images are skipped)."
+    )
 
 
 @dataclass
@@ -230,19 +256,218 @@ def update_model_card(
     return card
 
 
+# ------------------------------------------------------------------------------------ protocols
+def _describe_features(kind: str, n: int) -> str:
+    return {"pooled": "pooled features", "n_last_blocks": f"{n} last blocks"}[kind]
+
+
+def run_knn(
+    train_feats: torch.Tensor,  # [N, D]
+    train_labels: torch.Tensor,  # [N]
+    eval_feats: torch.Tensor,  # [M, D]
+    eval_labels: torch.Tensor,  # [M]
+    num_classes: int,
+    probe_args: ProbeArguments,
+) -> dict:
+    """Weighted k-NN on cached centre-crop features: the `results["knn"]` entry."""
+    num_train = train_labels.shape[0]
+    ks = [k for k in probe_args.nb_knn if k <= num_train]
+    if len(ks) < len(probe_args.nb_knn):
+        logger.warning(
+            "k-NN: skipping k > %d (the number of training images): %s",
+            num_train,
+            [k for k in probe_args.nb_knn if k > num_train],
+        )
+    if not ks:
+        raise ValueError(f"every k in --nb_knn exceeds the {num_train} training images.")
+    knn = knn_classify(
+        train_feats,
+        train_labels,
+        eval_feats,
+        eval_labels,
+        num_classes,
+        ks=ks,
+        temperature=probe_args.temperature,
+        batch_size=probe_args.knn_batch_size,
+    )
+    for k, v in knn.items():
+        logger.info("%d-NN: %s", k, ", ".join(f"{m} {a:.2f}%" for m, a in v.items()))
+    return {
+        "features": probe_args.knn_features,
+        "temperature": probe_args.temperature,
+        "results": {str(k): v for k, v in knn.items()},
+    }
+
+
+def run_fast_linear(
+    train_feats: torch.Tensor,  # [N, D]
+    train_labels: torch.Tensor,  # [N]
+    eval_feats: torch.Tensor,  # [M, D]
+    eval_labels: torch.Tensor,  # [M]
+    num_classes: int,
+    probe_args: ProbeArguments,
+    write_classifier: bool,
+) -> dict:
+    """Linear probe on cached centre-crop features, lr swept on held-out train features."""
+    fast = fast_linear_probe(
+        train_feats,
+        train_labels,
+        eval_feats,
+        eval_labels,
+        num_classes,
+        lrs=probe_args.fast_lrs,
+        epochs=probe_args.fast_epochs,
+        batch_size=probe_args.fast_batch_size,
+        holdout_fraction=probe_args.holdout_fraction,
+        seed=probe_args.seed,
+        show_progress=write_classifier,
+    )
+    logger.info("fast linear probe (lr %s): %s", fast.best_lr, ", ".join(f"{m} {a:.2f}%" for m, a in fast.test.items()))
+    if write_classifier:
+        _save_classifier(fast.classifier, probe_args.output_dir, "fast_linear_classifier.safetensors")
+    return {
+        **fast.test,
+        "best_lr": fast.best_lr,
+        "sweep_heldout_top1": {str(k): v for k, v in fast.sweep.items()},
+        "epochs": probe_args.fast_epochs,
+        "batch_size": probe_args.fast_batch_size,
+        "holdout_fraction": probe_args.holdout_fraction,
+        "features": probe_args.linear_features,
+        "features_description": _describe_features(probe_args.linear_features, probe_args.n_last_blocks),
+    }
+
+
+def run_linear(
+    model: torch.nn.Module,
+    train_loader: DataLoader,  # RandomResizedCrop + flip, shuffled; not yet prepared
+    eval_loader: DataLoader,  # centre crop; not yet prepared
+    accelerator: Accelerator,
+    num_classes: int,
+    image_size: int,
+    probe_args: ProbeArguments,
+) -> dict:
+    """The paper's full linear probe: augmented images through the frozen backbone, every epoch."""
+    set_seed(probe_args.seed, device_specific=True)  # distinct augmentations per process
+    full = train_linear_probe(
+        model,
+        train_loader,
+        eval_loader,
+        accelerator,
+        num_classes,
+        image_size,
+        kind=probe_args.linear_features,
+        n=probe_args.n_last_blocks,
+        lr=probe_args.lr,
+        epochs=probe_args.epochs,
+        val_freq=probe_args.val_freq,
+        seed=probe_args.seed,
+    )
+    classifier = full.pop("classifier")
+    if accelerator.is_main_process:
+        _save_classifier(classifier, probe_args.output_dir, "linear_classifier.safetensors")
+    return {
+        **full,
+        "epochs": probe_args.epochs,
+        "lr": probe_args.lr,
+        "features": probe_args.linear_features,
+        "features_description": _describe_features(probe_args.linear_features, probe_args.n_last_blocks),
+    }
+
+
+# ----------------------------------------------------------------------------------------- data
+#: Names of skipped images written to results.json per split (all of them are in the log).
+MAX_SKIPPED_NAMES_IN_RESULTS = 1000
+
+
+def load_splits(data_args: DataArguments, seed: int) -> ProbeSplits:
+    """The train and evaluation splits named by the arguments (see `load_probe_splits`)."""
+    data_files = None
+    if data_args.train_file or data_args.eval_file:
+        if not data_args.train_file:
+            raise ValueError("--eval_file needs --train_file.")
+        data_files = {"train": data_args.train_file}
+        if data_args.eval_file:
+            data_files["eval"] = data_args.eval_file
+    return load_probe_splits(
+        data_args.dataset_name,
+        train_split=data_args.train_split,
+        eval_split=data_args.eval_split,
+        config_name=data_args.dataset_config_name,
+        data_files=data_files,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        train_val_split=data_args.train_val_split,
+        seed=seed,
+        cache_dir=data_args.cache_dir,
+    )
+
+
+def _max_pixels(data_args: DataArguments) -> int | None:
+    return data_args.max_image_pixels if data_args.max_image_pixels > 0 else None
+
+
+def image_loader(
+    split: LabelledSplit, transform, data_args: DataArguments, batch_size: int, shuffle: bool = False
+) -> DataLoader:
+    return DataLoader(
+        LabelledImageDataset(split, transform, max_pixels=_max_pixels(data_args)),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=data_args.dataloader_num_workers,
+        collate_fn=collate_labelled,
+    )
+
+
+def find_undecodable(split: LabelledSplit, accelerator: Accelerator, data_args: DataArguments, batch_size: int):
+    """Rows of `split` that cannot be decoded, from a decode-only pass sharded over the processes."""
+    loader = DataLoader(
+        DecodeCheckDataset(split, max_pixels=_max_pixels(data_args)),
+        batch_size=batch_size,
+        num_workers=data_args.dataloader_num_workers,
+    )
+    return find_undecodable_rows(accelerator.prepare(loader), accelerator, desc=f"decode check ({split.name})")
+
+
+def report_skipped(split: LabelledSplit, rows: torch.Tensor, role: str, data_args: DataArguments) -> list[str]:
+    """Names of the skipped rows (logged); aborts past --max_bad_fraction (same answer on every process)."""
+    names = check_undecodable(split, rows.tolist(), data_args.max_bad_fraction, role)
+    if names:
+        shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more in results.json)" if len(names) > 20 else "")
+        logger.warning(
+            "%s split %r: %d of %d images cannot be decoded and are skipped: %s",
+            role,
+            split.name,
+            len(names),
+            len(split),
+            shown,
+        )
+    return names
+
+
 # ------------------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> dict:
+def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, ProbeArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, ProbeArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         model_args, data_args, probe_args = parser.parse_json_file(os.path.abspath(argv[0]))
     else:
         model_args, data_args, probe_args = parser.parse_args_into_dataclasses(args=argv)
-    protocols = parse_protocols(probe_args.protocol)
+    parse_protocols(probe_args.protocol)  # fail before loading anything
     for name in ("knn_features", "linear_features"):
         if getattr(probe_args, name) not in FEATURE_KINDS:
             raise ValueError(f"--{name} must be one of {FEATURE_KINDS}, got {getattr(probe_args, name)!r}.")
+    if not 0.0 <= data_args.max_bad_fraction <= 1.0:
+        raise ValueError(f"--max_bad_fraction must lie in [0, 1], got {data_args.max_bad_fraction}.")
+    if data_args.train_val_split is not None and not 0.0 < data_args.train_val_split < 1.0:
+        raise ValueError(f"--train_val_split must lie in (0, 1), got {data_args.train_val_split}.")
+    return model_args, data_args, probe_args
 
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, probe_args = parse_arguments(argv)
+    protocols = parse_protocols(probe_args.protocol)
     accelerator = Accelerator(
         cpu=probe_args.cpu,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=probe_args.process_group_timeout_minutes))],
@@ -253,6 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     set_seed(probe_args.seed)
     timings: dict[str, float] = {}
+    batch_size, n = probe_args.per_device_batch_size, probe_args.n_last_blocks
 
     # ---------------------------------------------------------------- model
     model = AutoModel.from_pretrained(
@@ -262,194 +488,91 @@ def main(argv: list[str] | None = None) -> dict:
     image_size = data_args.image_size or getattr(model.config, "image_size", 224)
 
     # ----------------------------------------------------------------- data
-    split_kwargs = dict(
-        config_name=data_args.dataset_config_name,
-        image_column=data_args.image_column,
-        label_column=data_args.label_column,
-        cache_dir=data_args.cache_dir,
-    )
-    data_files = None
-    if data_args.train_file or data_args.eval_file:
-        if not (data_args.train_file and data_args.eval_file):
-            raise ValueError("give both --train_file and --eval_file.")
-        data_files = {"train": data_args.train_file, "eval": data_args.eval_file}
     with accelerator.main_process_first():  # the main process builds any `datasets` cache first
-        train_split = load_labelled_split(
-            data_args.dataset_name,
-            "train" if data_files else data_args.train_split,
-            data_files=data_files,
-            max_samples=data_args.max_train_samples,
-            **split_kwargs,
-        )
-        eval_candidates = (
-            ["eval"]
-            if data_files
-            else ([data_args.eval_split] if data_args.eval_split else ["validation", "val", "test"])
-        )
-        eval_split = load_labelled_split(
-            data_args.dataset_name,
-            eval_candidates,
-            data_files=data_files,
-            class_names=train_split.class_names,
-            max_samples=data_args.max_eval_samples,
-            **split_kwargs,
-        )
-    num_classes = train_split.num_classes
-    accelerator.print(
-        f"{len(train_split)} train / {len(eval_split)} eval images, {num_classes} classes, "
-        f"{image_size}-px crops, {accelerator.num_processes} process(es)"
-    )
-
+        splits = load_splits(data_args, probe_args.seed)
+    num_classes = splits.train.num_classes
     eval_transform = build_eval_transform(image_size, data_args.resize_size)
 
-    def loader(split, transform, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            LabelledImageDataset(split, transform),
-            batch_size=probe_args.per_device_batch_size,
-            shuffle=shuffle,
-            num_workers=data_args.dataloader_num_workers,
-            collate_fn=collate_labelled,
-        )
+    # Features for the cached protocols; their pass also finds the undecodable images (a decode-only
+    # pass does when only the full probe runs). Those rows are dropped, with their labels, everywhere.
+    kinds = sorted(
+        {probe_args.knn_features for p in protocols if p == "knn"}
+        | {probe_args.linear_features for p in protocols if p == "fast_linear"}
+    )
+    features: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+    skipped: dict[str, list[str]] = {}
+    clean: dict[str, LabelledSplit] = {}
+    start = time.perf_counter()
+    for role, split in (("train", splits.train), ("eval", splits.eval)):
+        if kinds:
+            loader = accelerator.prepare(image_loader(split, eval_transform, data_args, batch_size))
+            feats, labels, bad_rows = extract_features(
+                model, loader, accelerator, kinds, n, desc=f"{role} features", return_skipped=True
+            )
+            features[role] = ({k: v.to(accelerator.device) for k, v in feats.items()}, labels.to(accelerator.device))
+            _save_features(probe_args, accelerator, role, feats, labels, split, bad_rows)
+        else:
+            bad_rows = find_undecodable(split, accelerator, data_args, batch_size)
+        skipped[role] = report_skipped(split, bad_rows, role, data_args)
+        clean[role] = split.drop_rows(bad_rows.tolist())
+    timings["extraction_s" if kinds else "decode_check_s"] = time.perf_counter() - start
+    accelerator.print(
+        f"{len(clean['train'])} train / {len(clean['eval'])} eval images ({len(skipped['train'])} / "
+        f"{len(skipped['eval'])} skipped as undecodable), {num_classes} classes, {image_size}-px crops, "
+        f"{accelerator.num_processes} process(es)"
+    )
 
     results: dict = {
         "model": model_args.model_name_or_path,
-        "dataset": data_args.dataset_name or data_files,
-        "train_split": data_args.train_split,
-        "eval_split": eval_split.name,
-        "num_train": len(train_split),
-        "num_eval": len(eval_split),
+        "dataset": data_args.dataset_name or {"train": data_args.train_file, "eval": data_args.eval_file},
+        "train_split": splits.train.name,
+        "eval_split": splits.eval.name,
+        "train_val_split": splits.train_val_split,
+        "num_train": len(clean["train"]),
+        "num_eval": len(clean["eval"]),
+        "skipped_images": {role: len(names) for role, names in skipped.items()},
+        "skipped_image_names": {role: names[:MAX_SKIPPED_NAMES_IN_RESULTS] for role, names in skipped.items()},
         "num_classes": num_classes,
-        "class_names": train_split.class_names,
+        "class_names": splits.train.class_names,
         "image_size": image_size,
         "num_processes": accelerator.num_processes,
         "protocols": protocols,
     }
-    n = probe_args.n_last_blocks
-    describe = {"pooled": "pooled features", "n_last_blocks": f"{n} last blocks"}
 
-    # ----------------------------------------------------- cached features
-    kinds = set()
-    if "knn" in protocols:
-        kinds.add(probe_args.knn_features)
-    if "fast_linear" in protocols:
-        kinds.add(probe_args.linear_features)
-    kinds = sorted(kinds)
-    if kinds:
+    # ------------------------------------------------------------ protocols
+    # Every process holds all features and runs the same (cheap, seeded) cached protocols, so no
+    # process sits in a collective while another one trains.
+    for protocol in protocols:
         start = time.perf_counter()
-        train_loader, eval_loader = accelerator.prepare(
-            loader(train_split, eval_transform, False), loader(eval_split, eval_transform, False)
-        )
-        train_feats, train_labels = extract_features(model, train_loader, accelerator, kinds, n, desc="train features")
-        eval_feats, eval_labels = extract_features(model, eval_loader, accelerator, kinds, n, desc="eval features")
-        timings["extraction_s"] = time.perf_counter() - start
-        if probe_args.save_features and accelerator.is_main_process:
-            from safetensors.torch import save_file
-
-            os.makedirs(probe_args.output_dir, exist_ok=True)
-            for name, feats, labels in (("train", train_feats, train_labels), ("eval", eval_feats, eval_labels)):
-                save_file(
-                    {**{k: v.contiguous() for k, v in feats.items()}, "labels": labels},
-                    os.path.join(probe_args.output_dir, f"features_{name}.safetensors"),
-                )
-        # Every process holds all features and runs the same (cheap, seeded) computation below, so no
-        # process sits in a collective while another one trains.
-        device = accelerator.device
-        train_feats = {k: v.to(device) for k, v in train_feats.items()}
-        eval_feats = {k: v.to(device) for k, v in eval_feats.items()}
-
-    # ------------------------------------------------------------------ k-NN
-    if "knn" in protocols:
-        start = time.perf_counter()
-        ks = [k for k in probe_args.nb_knn if k <= len(train_split)]
-        if len(ks) < len(probe_args.nb_knn):
-            logger.warning(
-                "k-NN: skipping k > %d (the number of training images): %s",
-                len(train_split),
-                [k for k in probe_args.nb_knn if k > len(train_split)],
+        if protocol == "knn":
+            kind = probe_args.knn_features
+            (train_feats, train_labels), (eval_feats, eval_labels) = features["train"], features["eval"]
+            results["knn"] = run_knn(
+                train_feats[kind], train_labels, eval_feats[kind], eval_labels, num_classes, probe_args
             )
-        if not ks:
-            raise ValueError(f"every k in --nb_knn exceeds the {len(train_split)} training images.")
-        knn = knn_classify(
-            train_feats[probe_args.knn_features],
-            train_labels.to(device),
-            eval_feats[probe_args.knn_features],
-            eval_labels.to(device),
-            num_classes,
-            ks=ks,
-            temperature=probe_args.temperature,
-            batch_size=probe_args.knn_batch_size,
-        )
-        results["knn"] = {
-            "features": probe_args.knn_features,
-            "temperature": probe_args.temperature,
-            "results": {str(k): v for k, v in knn.items()},
-        }
-        timings["knn_s"] = time.perf_counter() - start
-        for k, v in knn.items():
-            accelerator.print(f"{k}-NN: " + ", ".join(f"{m} {a:.2f}%" for m, a in v.items()))
-
-    # ------------------------------------------------------- fast linear probe
-    if "fast_linear" in protocols:
-        start = time.perf_counter()
-        fast = fast_linear_probe(
-            train_feats[probe_args.linear_features],
-            train_labels.to(device),
-            eval_feats[probe_args.linear_features],
-            eval_labels.to(device),
-            num_classes,
-            lrs=probe_args.fast_lrs,
-            epochs=probe_args.fast_epochs,
-            batch_size=probe_args.fast_batch_size,
-            holdout_fraction=probe_args.holdout_fraction,
-            seed=probe_args.seed,
-            show_progress=accelerator.is_local_main_process,
-        )
-        results["fast_linear"] = {
-            **fast.test,
-            "best_lr": fast.best_lr,
-            "sweep_heldout_top1": {str(k): v for k, v in fast.sweep.items()},
-            "epochs": probe_args.fast_epochs,
-            "batch_size": probe_args.fast_batch_size,
-            "holdout_fraction": probe_args.holdout_fraction,
-            "features": probe_args.linear_features,
-            "features_description": describe[probe_args.linear_features],
-        }
-        timings["fast_linear_s"] = time.perf_counter() - start
-        accelerator.print(
-            f"fast linear probe (lr {fast.best_lr}): " + ", ".join(f"{m} {a:.2f}%" for m, a in fast.test.items())
-        )
-        if accelerator.is_main_process:
-            _save_classifier(fast.classifier, probe_args.output_dir, "fast_linear_classifier.safetensors")
-
-    # ------------------------------------------------------- full linear probe
-    if "linear" in protocols:
-        start = time.perf_counter()
-        set_seed(probe_args.seed, device_specific=True)  # distinct augmentations per process
-        full = train_linear_probe(
-            model,
-            loader(train_split, build_train_transform(image_size), True),
-            loader(eval_split, eval_transform, False),
-            accelerator,
-            num_classes,
-            image_size,
-            kind=probe_args.linear_features,
-            n=n,
-            lr=probe_args.lr,
-            epochs=probe_args.epochs,
-            val_freq=probe_args.val_freq,
-            seed=probe_args.seed,
-        )
-        classifier = full.pop("classifier")
-        results["linear"] = {
-            **full,
-            "epochs": probe_args.epochs,
-            "lr": probe_args.lr,
-            "features": probe_args.linear_features,
-            "features_description": describe[probe_args.linear_features],
-        }
-        timings["linear_s"] = time.perf_counter() - start
-        if accelerator.is_main_process:
-            _save_classifier(classifier, probe_args.output_dir, "linear_classifier.safetensors")
+        elif protocol == "fast_linear":
+            kind = probe_args.linear_features
+            (train_feats, train_labels), (eval_feats, eval_labels) = features["train"], features["eval"]
+            results["fast_linear"] = run_fast_linear(
+                train_feats[kind],
+                train_labels,
+                eval_feats[kind],
+                eval_labels,
+                num_classes,
+                probe_args,
+                write_classifier=accelerator.is_main_process,
+            )
+        else:
+            results["linear"] = run_linear(
+                model,
+                image_loader(clean["train"], build_train_transform(image_size), data_args, batch_size, shuffle=True),
+                image_loader(clean["eval"], eval_transform, data_args, batch_size),
+                accelerator,
+                num_classes,
+                image_size,
+                probe_args,
+            )
+        timings[f"{protocol}_s"] = time.perf_counter() - start
 
     results["timings"] = timings
     results["arguments"] = {
@@ -469,6 +592,29 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _save_features(
+    probe_args: ProbeArguments,
+    accelerator: Accelerator,
+    role: str,
+    feats: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    split: LabelledSplit,
+    bad_rows: torch.Tensor,
+) -> None:
+    """features_<role>.safetensors: each kind [N, D], labels [N] and the dataset rows [N] they belong to."""
+    if not (probe_args.save_features and accelerator.is_main_process):
+        return
+    from safetensors.torch import save_file
+
+    keep = torch.ones(len(split), dtype=torch.bool)
+    keep[bad_rows] = False
+    os.makedirs(probe_args.output_dir, exist_ok=True)
+    save_file(
+        {**{k: v.contiguous() for k, v in feats.items()}, "labels": labels, "rows": keep.nonzero().flatten()},
+        os.path.join(probe_args.output_dir, f"features_{role}.safetensors"),
+    )
 
 
 def _save_classifier(classifier: torch.nn.Module, output_dir: str, filename: str) -> None:

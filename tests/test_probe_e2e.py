@@ -2,7 +2,8 @@
 
 The 2-process run is a real gloo job on the CPU (`accelerate launch --multi_gpu ... --cpu`); its
 features, k-NN and fast-probe results must equal the 1-process run's, which shows that the
-distributed extraction neither repeats nor drops nor reorders images.
+distributed extraction neither repeats nor drops nor reorders images. Each split holds one file
+that is not an image: both runs must skip the same row, with its label.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def _write_image_folder(root: Path) -> None:
             for i in range(per_class):
                 pixels = np.clip(base + rng.normal(0, 40, (40, 36, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).convert(MODES[i % len(MODES)]).save(folder / f"{i:02d}.png")
+    # Undecodable: the last train row, and a row in the middle of the validation split.
+    (root / "train" / "dark" / "zz_broken.jpg").write_bytes(b"not a jpeg" * 50)
+    (root / "val" / "bright" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
 
 
 def _free_port() -> int:
@@ -117,6 +121,8 @@ def _common_args(root: Path, out: str, protocol: str) -> list[str]:
         "0.25",
         "--epochs",
         "2",
+        "--max_bad_fraction",
+        "0.1",
     ]
 
 
@@ -131,14 +137,19 @@ def test_one_and_two_processes_agree(tiny_setup):
     two = json.loads((root / "two" / "results.json").read_text())
     assert one["num_processes"] == 1 and two["num_processes"] == 2  # the launch really used 2 processes
     assert one["num_train"] == 24 and one["num_eval"] == 12 and one["eval_split"] == "validation"
+    assert one["skipped_images"] == two["skipped_images"] == {"train": 1, "eval": 1}
+    assert one["skipped_image_names"] == two["skipped_image_names"]
+    assert one["skipped_image_names"]["eval"][0].endswith("zz_broken.png (row 6)")
 
     # Features: same rows, same order, no duplicates (24 train / 12 eval rows in batches of 5 leave
     # uneven last batches, which the sampler pads with repeated images).
     for split in ("train", "eval"):
         f1 = load_file(root / "one" / f"features_{split}.safetensors")
         f2 = load_file(root / "two" / f"features_{split}.safetensors")
-        assert set(f1) == {"pooled", "n_last_blocks", "labels"}
-        assert f1["labels"].tolist() == f2["labels"].tolist()
+        assert set(f1) == {"pooled", "n_last_blocks", "labels", "rows"}
+        assert f1["labels"].tolist() == f2["labels"].tolist() and f1["rows"].tolist() == f2["rows"].tolist()
+        expected_rows = list(range(24)) if split == "train" else [*range(6), *range(7, 13)]
+        assert f1["rows"].tolist() == expected_rows
         for kind in ("pooled", "n_last_blocks"):
             torch.testing.assert_close(f2[kind], f1[kind], rtol=1e-5, atol=1e-5)
     # ... and in dataset order: recompute a few rows directly.
@@ -197,11 +208,15 @@ def test_eval_data_mode_handling_and_sizes(tiny_setup):
         cache_dir=str(tiny_setup / "cache"),
         class_names=["bright", "dark"],
     )
-    assert split.name == "validation" and split.num_classes == 2 and len(split) == 12
-    assert {split.dataset[i]["image"].mode for i in range(len(split))} == set(MODES)
+    assert split.name == "validation" and split.num_classes == 2 and len(split) == 13
+    # Images stay undecoded (decoded by esvit.images.decode_image in the torch dataset).
+    paths = [split.dataset[i]["image"]["path"] for i in range(len(split))]
+    assert {Image.open(p).mode for p in paths if not p.endswith("zz_broken.png")} == set(MODES)
     batch = collate_labelled([LabelledImageDataset(split, build_eval_transform(IMAGE_SIZE))[i] for i in range(4)])
     assert batch["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert batch["index"].tolist() == [0, 1, 2, 3]
+    assert batch["index"].tolist() == [0, 1, 2, 3] and batch["valid"].all()
+    broken = LabelledImageDataset(split, build_eval_transform(IMAGE_SIZE))[6]  # zz_broken.png
+    assert not broken["valid"] and broken["pixel_values"].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
     assert build_train_transform(24)(to_rgb(split.dataset[0]["image"])).shape == (3, 24, 24)
     # 16-bit grey images are rescaled, not clipped at 255 as PIL's own conversion would.
     sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))

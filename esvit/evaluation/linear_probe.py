@@ -222,14 +222,33 @@ def _evaluate_loader(model, classifier, dataloader, accelerator, kind: str, n: i
         with accelerator.autocast():
             feats = compute_features(model, batch["pixel_values"].to(dtype=dtype), kind, n).float()  # [B, D]
         logits = classifier(feats)  # [B, C]
-        gathered = accelerator.gather_for_metrics({"logits": logits, "labels": batch["labels"]})
-        logits_all.append(gathered["logits"].float().cpu())
-        labels_all.append(gathered["labels"].cpu())
+        outputs = {"logits": logits, "labels": batch["labels"]}
+        if "valid" in batch:  # placeholders of undecodable images are not scored
+            outputs["valid"] = batch["valid"].long()
+        gathered = accelerator.gather_for_metrics(outputs)
+        keep = gathered["valid"].bool().cpu() if "valid" in gathered else slice(None)
+        logits_all.append(gathered["logits"].float().cpu()[keep])
+        labels_all.append(gathered["labels"].cpu()[keep])
     logits, labels = torch.cat(logits_all), torch.cat(labels_all)
     topk = _report_topk(logits.shape[1])
     result = {f"top{k}": acc for k, acc in zip(topk, topk_accuracy(logits, labels, topk))}
     result["loss"] = F.cross_entropy(logits, labels).item()
     return result
+
+
+def _masked_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """Mean cross-entropy over the valid rows, and their number.
+
+    Placeholders of undecodable images get zero weight; a batch without a valid row gives a zero loss
+    whose backward still runs, so no process skips the gradient all-reduce of the others.
+    """
+    if valid is None or bool(valid.all()):
+        return F.cross_entropy(logits, labels), labels.shape[0]
+    weights = valid.to(logits.dtype)  # [B]
+    count = weights.sum()
+    return (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / count.clamp(min=1), count
 
 
 def train_linear_probe(
@@ -281,12 +300,12 @@ def train_linear_probe(
         ):
             with torch.no_grad(), accelerator.autocast():
                 feats = compute_features(model, batch["pixel_values"].to(dtype=dtype), kind, n).float()  # [B, D]
-            loss = F.cross_entropy(classifier(feats), batch["labels"])
+            loss, count = _masked_cross_entropy(classifier(feats), batch["labels"], batch.get("valid"))
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
-            loss_sum += loss.detach() * batch["labels"].shape[0]
-            seen += batch["labels"].shape[0]
+            loss_sum += loss.detach() * count
+            seen += count
         totals = accelerator.reduce(torch.stack([loss_sum, seen]), reduction="sum")
         record = {"epoch": epoch, "lr": lr_schedule[epoch], "train_loss": (totals[0] / totals[1]).item()}
         if epoch % val_freq == 0 or epoch == epochs - 1:
