@@ -56,7 +56,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
         min_side_for_crops,
     )
     from esvit.training.hub import create_hub_repo, push_outputs, save_teacher, tracker_config
-    from esvit.training.logs import configure_logging, trackers
+    from esvit.training.logs import (
+        EtaReporter,
+        configure_logging,
+        default_mixed_precision,
+        trackers,
+        warn_if_fewer_processes_than_launched,
+        worker_count,
+    )
     from esvit.training.loss import LOSS_STATE_FILE, EsViTLoss
     from esvit.training.monitoring import CollapseMonitor, KnnMonitor, MetricWindow
     from esvit.training.optim import get_param_groups
@@ -70,7 +77,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
     # ============ accelerator, output folder ============
     accelerator = Accelerator(
         cpu=args.cpu,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=default_mixed_precision(args),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=trackers(args.report_to),
         project_dir=str(output_dir),
@@ -84,6 +91,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
     )
     try:
         configure_logging(accelerator.is_local_main_process)
+        warn_if_fewer_processes_than_launched(accelerator)
+        if accelerator.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls
         if not accelerator.is_local_main_process:
             datasets.utils.logging.set_verbosity_error()
             transformers.utils.logging.set_verbosity_error()
@@ -109,7 +119,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
             accelerator=accelerator,
             collator=collator,
             batch_size=args.per_device_train_batch_size,
-            num_workers=data_args.dataloader_num_workers,
+            num_workers=worker_count(data_args.dataloader_num_workers, accelerator),
             seed=args.seed,
             shuffle_buffer_size=data_args.shuffle_buffer_size,
         )
@@ -233,6 +243,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
             log_knn(step)
         last_saved = step if resume_folder is not None else None
         progress = tqdm(total=plan.total_steps, initial=step, disable=not accelerator.is_local_main_process)
+        eta = EtaReporter(plan.total_steps, step, global_batch)
         start_time = time.perf_counter()
         while step < plan.total_steps and not stop_signal.received:
             batches_this_epoch = 0
@@ -254,6 +265,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
                 pretrainer.update_teacher(step)
                 step += 1
                 progress.update(1)
+                eta.update(step)
                 done = step >= plan.total_steps
                 if step % args.logging_steps == 0 or done:
                     means = window.reduce(accelerator)

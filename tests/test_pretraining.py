@@ -302,7 +302,9 @@ def test_argument_precedence_recipe_file_command_line(tmp_path):
     json_config = tmp_path / "run.json"
     json_config.write_text(json.dumps({"dataset_name": "some/dataset", "streaming": True}))
     model, data, train = script.parse_arguments(["--config", str(json_config), "--config_overrides", "image_size=96"])
-    assert data.streaming and train.recipe is None and model.config_overrides == {"image_size": 96}
+    # no recipe named: none on a GPU machine, the small-image recipe on a CPU-only one
+    expected_recipe = None if torch.cuda.is_available() else "small-images-cpu"
+    assert data.streaming and train.recipe == expected_recipe and model.config_overrides["image_size"] == 96
     # the command line merges too: a recipe's image size survives an unrelated override
     model, _, _ = script.parse_arguments(["--recipe", "fashion-mnist-cpu", "--config_overrides", "window_size=5"])
     assert model.config_overrides["window_size"] == 5 and model.build_config().image_size == 28
@@ -319,7 +321,7 @@ def test_every_recipe_parses():
     from esvit.training.recipes import RECIPES
 
     script = _import_script()
-    three_stage = {"fashion-mnist-cpu"}  # 28-px images: 14x14 tokens leave room for 3 stages
+    three_stage = {"fashion-mnist-cpu", "small-images-cpu"}  # 28-px images: 14x14 tokens leave room for 3 stages
     for name in RECIPES:
         model, _, _ = script.parse_arguments(["--recipe", name, "--train_dir", "/data"])
         assert model.build_config().num_stages == (3 if name in three_stage else 4), name

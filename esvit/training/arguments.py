@@ -366,7 +366,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
 
     Without a data source and without a recipe, the recipe `recipes.DEFAULT_RECIPE` is used.
     """
-    from .recipes import DEFAULT_RECIPE, get_recipe
+    from .recipes import get_recipe
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
@@ -382,9 +382,10 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
     def parse(recipe_name: str | None):
         recipe_values = get_recipe(recipe_name) if recipe_name else {}
         check_argument_names(recipe_values, f"recipe {recipe_name}")
-        # config_overrides merge key by key: recipe < file < command line.
-        overrides = {**(parse_overrides(recipe_values.pop("config_overrides", None)) or {})}
-        overrides.update(parse_overrides(file_values.get("config_overrides")) or {})
+        # config_overrides merge key by key: recipe < file < command line; the recipe's apply only to
+        # the recipe's own preset (a run that names another preset does not inherit them).
+        recipe_overrides = parse_overrides(recipe_values.pop("config_overrides", None)) or {}
+        file_overrides = parse_overrides(file_values.get("config_overrides")) or {}
         defaults = {**recipe_values, **{k: v for k, v in file_values.items() if k != "config_overrides"}}
         defaults.update(recipe=recipe_name, config=known.config, config_overrides=None)
         from transformers import HfArgumentParser
@@ -393,13 +394,51 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         parser.set_defaults(**defaults)
         _reject_unknown_flags(parser, rest)
         model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=rest)
-        model_args.config_overrides = {**overrides, **(model_args.config_overrides or {})} or None
+        if model_args.model_preset != recipe_values.get("model_preset", model_args.model_preset):
+            recipe_overrides = {}
+        merged = {**recipe_overrides, **file_overrides, **(model_args.config_overrides or {})}
+        model_args.config_overrides = merged or None
         return model_args, data_args, train_args
 
     model_args, data_args, train_args = parse(recipe)
-    if recipe is None and data_args.uses_embedded_dataset:
-        model_args, data_args, train_args = parse(DEFAULT_RECIPE)
+    if recipe is None:
+        default = hardware_default_recipe(data_args, train_args)
+        if default is not None:
+            model_args, data_args, train_args = parse(default)
+    try:  # a wrong architecture fails now, in one line, not after the data is loaded
+        model_args.build_config()
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"the model configuration is invalid: {err}") from None
+    except Exception as err:  # huggingface_hub's strict-dataclass validation errors
+        raise ValueError(f"the model configuration is invalid: {' '.join(str(err).split())}") from None
     return model_args, data_args, train_args
+
+
+#: The recipe a run without `--recipe` gets on a machine without a GPU, for the user's own data:
+#: full-size defaults (224-px crops, Swin-T) would take hours per epoch there.
+CPU_RECIPE = "small-images-cpu"
+
+
+def hardware_default_recipe(data_args: DataArguments, train_args: PretrainingArguments) -> str | None:
+    """The recipe to use when none was named: the tiny default on the embedded sample, the
+    small-image recipe for one's own data on a CPU-only machine, else none (the dataclass defaults,
+    which are the original's full-size ImageNet settings)."""
+    from .recipes import DEFAULT_RECIPE
+
+    if data_args.uses_embedded_dataset:
+        return DEFAULT_RECIPE
+    import torch
+
+    if train_args.cpu or not torch.cuda.is_available():
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "No --recipe and no GPU: using the %r recipe (small crops, a small model) for your own data; name "
+            "--recipe (or give every argument) to train otherwise.",
+            CPU_RECIPE,
+        )
+        return CPU_RECIPE
+    return None
 
 
 def _reject_unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:

@@ -135,6 +135,36 @@ RECIPES: dict[str, dict] = {
         report_to="none",
         collapse_patience_steps=0,
     ),
+    # A user's own folder of small images (28-64 px) on a CPU: the `swin-micro-p2` model (three
+    # stages, 2-px patches) on 28-px crops, no local crops (14-px crops of 28-px images are mostly
+    # flat patches) and a BatchNorm view head, the two levers that made this scale learn; epochs
+    # are counted over the user's data. The default of `run_pretraining.py --train_dir DIR` on a
+    # machine without a GPU.
+    "small-images-cpu": dict(
+        model_preset="swin-micro-p2",
+        config_overrides={"head_use_bn": True, "head_norm_last_layer": True},
+        use_region_loss=True,
+        per_device_train_batch_size=64,
+        num_train_epochs=30,
+        learning_rate=0.003,
+        min_lr=1e-05,
+        warmup_epochs=1,
+        weight_decay=0.04,
+        weight_decay_end=0.1,
+        momentum_teacher=0.99,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.04,
+        warmup_teacher_temp_epochs=0,
+        freeze_last_layer_epochs=0,
+        global_crop_size=28,
+        global_crops_scale=[0.4, 1.0],
+        num_local_crops=0,
+        local_crop_size=14,
+        blur_probs=[0.0, 0.0, 0.0],
+        dataloader_num_workers=1,
+        logging_steps=25,
+        collapse_patience_steps=100,
+    ),
     # Released EsViT runs (ImageNet-1k, 16 GPUs x 32 images, view + region tasks).
     "esvit-swin-tiny-imagenet": _released("swin-tiny-w7"),
     "esvit-swin-small-imagenet": _released("swin-small-w7"),
@@ -151,7 +181,11 @@ DEFAULT_RECIPE = "tiny-cpu-default"
 def get_recipe(name: str) -> dict:
     """A copy of the recipe `name` (safe to modify)."""
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}.")
+        from .arguments import did_you_mean
+
+        raise ValueError(
+            f"unknown recipe {name!r}{did_you_mean(name, RECIPES)}; known recipes: {', '.join(sorted(RECIPES))}."
+        )
     return copy.deepcopy(RECIPES[name])
 
 
