@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import load_reference_state_dict
 from safetensors.torch import load_file
 
 from esvit.conversion.original import convert_original_loss_state_dict
 from esvit.training.loss import EsViTLoss, matched_region_cross_entropy
+from tests.reference import load_reference_state_dict, reference_config, split_heads, tiny_config
 
 LOSS_RTOL = 1e-6
 
@@ -282,32 +282,13 @@ def test_centres_are_averaged_over_processes(tmp_path):
 
 
 def test_end_to_end_tiny_swin_matches_original(reference_dir, reference_manifest, reference_inputs):
-    from esvit.configuration_esvit import EsViTConfig
     from esvit.conversion.swin import original_swin_to_esvit
     from esvit.modeling_esvit import EsViTForPreTraining
 
     meta = json.loads((reference_dir / "loss_fixture.json").read_text())["end_to_end_swin_tiny_w7"]
-    state = load_reference_state_dict(reference_dir, reference_manifest, "swin_tiny_w7")
-    heads = {k: v for k, v in state.items() if k.startswith(("head.", "head_dense."))}
-    backbone = {k: v for k, v in state.items() if k not in heads}
+    backbone, heads = split_heads(load_reference_state_dict(reference_dir, reference_manifest, "swin_tiny_w7"))
     converted = {f"esvit.{k}": v for k, v in original_swin_to_esvit(backbone).items()} | heads
-    config = EsViTConfig(
-        backbone_type="swin",
-        image_size=224,
-        hidden_sizes=(8, 16, 32, 64),
-        depths=(2, 2, 2, 2),
-        num_heads=(1, 2, 2, 4),
-        patch_sizes=(4, 2, 2, 2),
-        window_size=7,
-        drop_path_rate=0.0,
-        layer_norm_eps=1e-6,
-        head_out_dim=64,
-        head_hidden_dim=64,
-        head_bottleneck_dim=32,
-        head_num_layers=3,
-        head_use_bn=False,
-        head_norm_last_layer=False,
-    )
+    config = reference_config(reference_manifest, "swin_tiny_w7")
     model = EsViTForPreTraining(config).eval()
     model.load_state_dict(converted, strict=True)
     x = reference_inputs
@@ -325,19 +306,13 @@ def test_end_to_end_tiny_swin_matches_original(reference_dir, reference_manifest
 
 def test_one_training_step_moves_the_student_and_the_teacher():
     """Loss, param groups, clipping, last-layer freezing and the EMA together on a tiny model."""
-    from esvit.configuration_esvit import EsViTConfig
     from esvit.modeling_esvit import EsViTForPreTraining
     from esvit.training.optim import cancel_last_layer_gradients, clip_gradients, get_param_groups, update_teacher
 
     torch.manual_seed(0)
-    config = EsViTConfig(
-        backbone_type="swin",
-        hidden_sizes=(8, 16, 32, 64),
+    config = tiny_config(
+        "swin",
         depths=(1, 1, 1, 1),
-        num_heads=(1, 2, 2, 4),
-        patch_sizes=(4, 2, 2, 2),
-        window_size=7,
-        drop_path_rate=0.0,
         head_out_dim=32,
         head_hidden_dim=16,
         head_bottleneck_dim=8,
