@@ -169,6 +169,13 @@ def test_image_processor_is_the_eval_transform(tmp_path):
     torch.testing.assert_close(out["pixel_values"][0, :, 100, 100], expected, rtol=1e-4, atol=1e-4)
 
 
+#: The flat modules `save_pretrained` copies for `trust_remote_code` (the README's "ships to the Hub").
+HUB_FILES = (
+    "configuration_esvit.py", "modeling_esvit.py", "backbone_swin.py", "backbone_vil.py", "backbone_cvt.py",
+    "heads.py", "layers.py",
+)  # fmt: skip
+
+
 FRESH_PROCESS = textwrap.dedent(
     """
     import json, sys
@@ -201,6 +208,8 @@ def test_trust_remote_code_in_fresh_process(family, tmp_path):
     model = perturbed(EsViTModel(tiny_config(family)))
     folder = tmp_path / "model"
     model.save_pretrained(folder)
+    # exactly the Hub-facing flat modules travel: no training, evaluation or conversion code
+    assert sorted(p.name for p in folder.glob("*.py")) == sorted(HUB_FILES)
     pixels = images()
     torch.save(pixels, tmp_path / "inputs.pt")
     script = tmp_path / "load.py"
