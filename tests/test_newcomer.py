@@ -1,0 +1,121 @@
+"""A newcomer's path: one-line errors with suggestions, nothing lost or overwritten by mistake,
+a run that says what it learned, and a model card built from the run's effective values."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import datasets
+import pytest
+import torch
+
+from esvit.training.arguments import PretrainingArguments, parse_arguments
+from esvit.training.data import EMBEDDED_DATASET
+from esvit.training.schedules import plan_training
+from tests.test_pretraining import _import_script, tiny_run_args
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config_overrides", "imagesize=64"], "did you mean 'image_size'"),
+        (["--config_overrides", '{"image_size": 64'], "not valid JSON"),
+        (["--config_overrides", "depths=2"], "depths"),
+        (["--model_preset", "swin-tiy"], "did you mean 'swin-tiny-w7'"),
+        (["--recipe", "small-image-cpu"], "did you mean 'small-images-cpu'"),
+        (["--checkpointing_steps", "often"], "'epoch'"),
+        (["--train_dir", "/nonexistent/folder", "--recipe", "small-images-cpu"], None),
+    ],
+)
+def test_user_errors_are_one_line(argv, message, capsys):
+    script = _import_script()
+    if message is None:  # a missing folder is found when the data is loaded: still no traceback wanted
+        with pytest.raises(FileNotFoundError, match="is not a folder"):
+            script.main([*argv, "--output_dir", "/tmp/unused", "--max_train_steps", "1", "--report_to", "none"])
+        return
+    with pytest.raises(SystemExit) as err:
+        script.main(argv)
+    text = str(err.value)
+    assert text.startswith("run_pretraining.py: error:") and message in text and "\n" not in text
+
+
+def test_unknown_flag_names_the_nearest():
+    with pytest.raises(SystemExit, match="did you mean '--num_local_crops'"):
+        parse_arguments(["--recipe", "tiny-cpu-default", "--num_locl_crops", "1"])
+
+
+def test_checkpointing_every_epoch():
+    args = PretrainingArguments(checkpointing_steps="epoch")
+    assert args.checkpoint_interval(steps_per_epoch=17) == 17
+    assert PretrainingArguments(checkpointing_steps="5").checkpoint_interval(None) == 5
+    with pytest.raises(ValueError, match="known length"):
+        args.checkpoint_interval(None)
+
+
+def test_a_stream_of_unknown_length_names_every_epoch_argument_at_once():
+    args = SimpleNamespace(
+        warmup_epochs=10, warmup_steps=None, warmup_teacher_temp_epochs=30, warmup_teacher_temp_steps=None,
+        freeze_last_layer_epochs=1, freeze_last_layer_steps=None, max_train_steps=None, num_train_epochs=100,
+    )  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        plan_training(args, steps_per_epoch=None, global_batch_size=256)
+    for name in ("--max_train_steps", "--warmup_steps", "--warmup_teacher_temp_steps", "--freeze_last_layer_steps"):
+        assert name in str(err.value)
+
+
+def test_streaming_a_saved_dataset_uses_its_length(tmp_path):
+    from accelerate import Accelerator
+
+    from esvit.training.arguments import DataArguments
+    from esvit.training.data import MultiCropCollator, build_augmentation, build_pretraining_loader
+    from esvit.training.data import load_pretraining_images as load
+
+    saved = tmp_path / "saved"
+    datasets.load_dataset("parquet", data_files=str(EMBEDDED_DATASET), split="train").save_to_disk(str(saved))
+    args = DataArguments(dataset_from_disk=str(saved), streaming=True, global_crop_size=32, num_local_crops=0)
+    dataset = load(args)
+    accelerator = Accelerator(cpu=True)
+    loader = build_pretraining_loader(
+        dataset, accelerator=accelerator, collator=MultiCropCollator(build_augmentation(args), seed=0),
+        batch_size=25, num_workers=0, seed=0,
+    )  # fmt: skip
+    assert loader.batches_per_epoch is None  # a stream ...
+    assert loader.known_batches_per_epoch(args, 25, accelerator) == 20  # ... whose source has a length
+
+
+def test_converter_explains_a_plain_state_dict(tmp_path, capsys):
+    from esvit.conversion.original import main
+
+    path = tmp_path / "plain.pth"
+    torch.save({"layers.0.weight": torch.zeros(2)}, path)
+    with pytest.raises(SystemExit):
+        main([str(path), str(tmp_path / "out"), "--preset", "swin-tiny-w7"])
+    err = capsys.readouterr().err
+    assert "not a checkpoint of the original training script" in err and "'teacher'" in err
+
+
+@pytest.mark.slow
+def test_a_run_reports_what_it_learned_and_refuses_to_overwrite(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    script = _import_script()
+    output = tmp_path / "run"
+    args = tiny_run_args(
+        EMBEDDED_DATASET, output, max_train_steps="4", record_sample_keys="false",
+        eval_dataset_name=str(EMBEDDED_DATASET), eval_max_samples="200",
+    )  # fmt: skip
+    summary = script.main(args)
+    printed = capsys.readouterr().out
+    assert "random weights" in printed and "Saved the teacher" in printed
+    assert {"knn_top1_initial", "knn_top1_final", "knn_top1_best"} <= set(summary)
+    assert json.loads((output / "train_summary.json").read_text())["global_step"] == 4
+
+    card = (output / "model" / "README.md").read_text()
+    assert "license: mit" in card and "@inproceedings{li2022esvit" in card and "trust_remote_code" in card
+    assert str(tmp_path) not in card  # no local paths published
+    peak = 0.02 * 4 / 256  # linear scaling to the global batch of 4
+    assert f"peak learning rate {peak:.3g}" in card and "k-NN monitor" in card
+
+    with pytest.raises(FileExistsError, match="finished model"):  # a finished run is never overwritten silently
+        script.main(args)
+    assert (output / "model" / "config.json").is_file()
