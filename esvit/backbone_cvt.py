@@ -34,7 +34,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_esvit import EsViTConfig
-from .layers import DropPath, EncoderOutput, Mlp, QuickGELU, attend, prepare_encoder_inputs
+from .layers import BackboneEncoder, DropPath, EncoderOutput, Mlp, QuickGELU, attend
 
 
 class CvtLayerNorm(nn.LayerNorm):
@@ -177,7 +177,7 @@ class CvtStage(nn.Module):
         self.blocks = nn.ModuleList(CvtBlock(config, dim, config.num_heads[index], rate) for rate in drop_paths)
 
 
-class CvtEncoder(nn.Module):
+class CvtEncoder(BackboneEncoder):
     """The CvT-v4 feature pyramid with EsViT's pooled, region and per-block features.
 
     `forward(pixel_values [B, C, H, W])` returns an `EncoderOutput` whose `last_hidden_state` holds
@@ -205,24 +205,12 @@ class CvtEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.norm = CvtLayerNorm(in_channels, eps=config.layer_norm_eps)
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        *,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        output_block_features: bool = False,
-        attn_implementation: str = "sdpa",
+    family = "CvT"
+
+    def encode(
+        self, pixel_values, output_hidden_states, output_attentions, output_block_features, attn_implementation
     ) -> EncoderOutput:
-        pixel_values, attn_implementation = prepare_encoder_inputs(
-            pixel_values,
-            family="CvT",
-            num_channels=self.config.num_channels,
-            min_size=self.min_input_size,
-            dtype=self.stages[0].patch_embed.proj.weight.dtype,
-            attn_implementation=attn_implementation,
-            output_attentions=output_attentions,
-        )
+        """The forward pass on input checked by `BackboneEncoder.forward`."""
 
         stage_outputs: list[torch.Tensor] = []
         spatial_shapes: list[tuple[int, int]] = []

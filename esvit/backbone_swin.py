@@ -28,7 +28,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_esvit import EsViTConfig
-from .layers import DropPath, EncoderOutput, Mlp, attend, prepare_encoder_inputs
+from .layers import BackboneEncoder, DropPath, EncoderOutput, Mlp, attend
 
 # Additive logit for token pairs from different regions of a shifted window: large enough that
 # the softmax gives them (numerically) zero weight, the value the released models were trained with.
@@ -278,7 +278,7 @@ class SwinStage(nn.Module):
         self.downsample = downsample
 
 
-class SwinEncoder(nn.Module):
+class SwinEncoder(BackboneEncoder):
     """The Swin backbone of EsViT. `forward(pixel_values [B, C, H, W]) -> EncoderOutput`.
 
     Parameter names follow the original checkpoints (`patch_embed.*`, `layers.{i}.blocks.{j}.*`,
@@ -345,24 +345,12 @@ class SwinEncoder(nn.Module):
         grid = F.interpolate(grid, size=spatial, mode="bicubic", align_corners=False)
         return grid.flatten(2).transpose(1, 2)
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,  # [B, C, H, W]
-        *,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        output_block_features: bool = False,
-        attn_implementation: str = "sdpa",
+    family = "Swin"
+
+    def encode(
+        self, pixel_values, output_hidden_states, output_attentions, output_block_features, attn_implementation
     ) -> EncoderOutput:
-        pixel_values, attn_implementation = prepare_encoder_inputs(
-            pixel_values,
-            family="Swin",
-            num_channels=self.config.num_channels,
-            min_size=self.min_input_size,
-            dtype=self.patch_embed.proj.weight.dtype,
-            attn_implementation=attn_implementation,
-            output_attentions=output_attentions,
-        )
+        """The forward pass on input checked by `BackboneEncoder.forward`."""
         x, spatial = self.patch_embed(pixel_values)  # [B, L0, C0]
         if self.absolute_pos_embed is not None:
             x = x + self._position_embedding(spatial)

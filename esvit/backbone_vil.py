@@ -42,7 +42,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_esvit import EsViTConfig
-from .layers import DropPath, EncoderOutput, Mlp, attend, prepare_encoder_inputs
+from .layers import BackboneEncoder, DropPath, EncoderOutput, Mlp, attend
 
 #: Neighbour chunks in the order of the 3x3 neighbourhood, row-major over the offsets (-1, 0, 1);
 #: index 4 is the query's own chunk.
@@ -506,7 +506,7 @@ class VilStage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
 
-class VilEncoder(nn.Module):
+class VilEncoder(BackboneEncoder):
     """The ViL pyramid: `pixel_values [B, C, H, W]` -> `EncoderOutput`.
 
     pooled = the last stage's first global token after the final norm when that stage has global
@@ -562,24 +562,12 @@ class VilEncoder(nn.Module):
         draws = torch.randint(0, len(OTHER_CHUNKS), (self.num_sparse_blocks,), generator=self.generator)
         return [torch.tensor([SELF_CHUNK, OTHER_CHUNKS[i]]) for i in draws.tolist()]
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        *,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        output_block_features: bool = False,
-        attn_implementation: str = "sdpa",
+    family = "ViL"
+
+    def encode(
+        self, pixel_values, output_hidden_states, output_attentions, output_block_features, attn_implementation
     ) -> EncoderOutput:
-        pixel_values, attn_implementation = prepare_encoder_inputs(
-            pixel_values,
-            family="ViL",
-            num_channels=self.config.num_channels,
-            min_size=self.min_input_size,
-            dtype=self.stages[0].embeddings.projection.weight.dtype,
-            attn_implementation=attn_implementation,
-            output_attentions=output_attentions,
-        )
+        """The forward pass on input checked by `BackboneEncoder.forward`."""
         neighbours = iter(self.draw_neighbours())
         x = pixel_values
         stage_outputs, shapes, attentions, block_features = [], [], [], []

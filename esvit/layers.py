@@ -106,6 +106,43 @@ def prepare_encoder_inputs(
     return pixel_values, attn_implementation
 
 
+class BackboneEncoder(nn.Module):
+    """What the three backbone encoders share: the input checks, then their own `encode`.
+
+    Subclasses set `family` (the name in messages) and `min_input_size` and implement
+    `encode(pixel_values, output_hidden_states, output_attentions, output_block_features,
+    attn_implementation) -> EncoderOutput` on checked input.
+    """
+
+    family: str = "EsViT"
+    min_input_size: int = 1
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,  # [B, C, H, W]
+        *,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        output_block_features: bool = False,
+        attn_implementation: str = "sdpa",
+    ) -> EncoderOutput:
+        pixel_values, attn_implementation = prepare_encoder_inputs(
+            pixel_values,
+            family=self.family,
+            num_channels=self.config.num_channels,
+            min_size=self.min_input_size,
+            dtype=next(self.parameters()).dtype,
+            attn_implementation=attn_implementation,
+            output_attentions=output_attentions,
+        )
+        return self.encode(
+            pixel_values, output_hidden_states, output_attentions, output_block_features, attn_implementation
+        )
+
+    def encode(self, pixel_values, output_hidden_states, output_attentions, output_block_features, attn_implementation):
+        raise NotImplementedError
+
+
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Stochastic depth (Huang et al., 2016): drop a whole residual branch per sample."""
     if drop_prob == 0.0 or not training:
