@@ -19,39 +19,14 @@ from transformers import AutoConfig
 from esvit import EsViTBackbone, EsViTConfig, EsViTForPreTraining, EsViTModel
 from esvit.backbone_swin import SwinEncoder
 from esvit.configuration_esvit import PRESETS
+from tests.reference import tiny_config
 
-# Tiny configs local to this file (4 stages of widths 8-64, tiny heads).
-_SMALL = dict(
-    hidden_sizes=(8, 16, 32, 64),
-    depths=(1, 1, 2, 1),
-    num_heads=(1, 2, 2, 4),
-    drop_path_rate=0.0,
-    head_hidden_dim=32,
-    head_bottleneck_dim=16,
-    head_out_dim=32,
-)
-SMALL = {
-    "swin": dict(_SMALL, backbone_type="swin", patch_sizes=(4, 2, 2, 2)),
-    "vil": dict(
-        _SMALL,
-        backbone_type="vil",
-        patch_sizes=(4, 2, 2, 2),
-        vil_attention_types=("longformer", "longformer", "full", "full"),
-        vil_num_global_tokens=(1, 1, 1, 0),
-    ),
-    "cvt": dict(
-        _SMALL,
-        backbone_type="cvt",
-        patch_sizes=(7, 3, 3, 3),
-        patch_strides=(4, 2, 2, 2),
-        patch_padding=(2, 1, 1, 1),
-        layer_norm_eps=1e-5,
-    ),
-}
+SMALL_HEADS = dict(head_hidden_dim=32, head_bottleneck_dim=16, head_out_dim=32)
 
 
 def small(family: str = "swin", **overrides) -> EsViTConfig:
-    return EsViTConfig(**{**SMALL[family], **overrides})
+    """The shared tiny backbone of `family` with depths 1-1-2-1 and tiny heads."""
+    return tiny_config(family, **{"depths": (1, 1, 2, 1), "vil_mode": 0, **SMALL_HEADS, **overrides})
 
 
 # ------------------------------------------------------------------------------------- types
@@ -185,8 +160,8 @@ def test_check_field_names_accepts_fields_and_transformers_keys():
 
 
 def test_keys_transformers_passes_are_accepted():
-    config = EsViTConfig(
-        **SMALL["swin"],
+    config = small(
+        "swin",
         transformers_version="5.0.0",
         architectures=["EsViTModel"],
         auto_map={"AutoConfig": "configuration_esvit.EsViTConfig"},

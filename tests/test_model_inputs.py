@@ -13,38 +13,16 @@ import pytest
 import torch
 
 from esvit import EsViTBackbone, EsViTConfig, EsViTForPreTraining, EsViTModel
+from tests.reference import FAMILIES, tiny_config
 
-# Tiny models, local to this file: 4 stages of widths 8-64, one block each, 32 px minimum input.
-_STAGES = dict(
-    hidden_sizes=(8, 16, 32, 64),
-    depths=(1, 1, 1, 1),
-    num_heads=(1, 2, 2, 4),
-    window_size=7,
-    drop_path_rate=0.0,
-    image_size=64,
-    head_hidden_dim=32,
-    head_bottleneck_dim=16,
-    head_out_dim=32,
-)
-TINY = {
-    "swin": dict(_STAGES, backbone_type="swin", patch_sizes=(4, 2, 2, 2)),
-    "vil": dict(
-        _STAGES,
-        backbone_type="vil",
-        patch_sizes=(4, 2, 2, 2),
-        vil_attention_types=("longformer", "longformer", "full", "full"),
-        vil_num_global_tokens=(1, 1, 1, 0),
-    ),
-    "cvt": dict(
-        _STAGES,
-        backbone_type="cvt",
-        patch_sizes=(7, 3, 3, 3),
-        patch_strides=(4, 2, 2, 2),
-        patch_padding=(2, 1, 1, 1),
-        layer_norm_eps=1e-5,
-    ),
-}
-FAMILIES = tuple(TINY)
+# The shared tiny backbones with one block per stage, 64-px images (32 px minimum) and tiny heads.
+SMALL_HEADS = dict(head_hidden_dim=32, head_bottleneck_dim=16, head_out_dim=32)
+
+
+def tiny(family: str, **overrides) -> EsViTConfig:
+    return tiny_config(family, depths=(1, 1, 1, 1), image_size=64, vil_mode=0, **SMALL_HEADS, **overrides)
+
+
 FAMILY_NAMES = {"swin": "Swin", "vil": "ViL", "cvt": "CvT"}
 _MODELS: dict[str, EsViTModel] = {}
 
@@ -53,7 +31,7 @@ def tiny_model(family: str) -> EsViTModel:
     """One eval-mode model per family, shared by the tests (none of them changes it)."""
     if family not in _MODELS:
         torch.manual_seed(0)
-        _MODELS[family] = EsViTModel(EsViTConfig(**TINY[family])).eval()
+        _MODELS[family] = EsViTModel(tiny(family)).eval()
     return _MODELS[family]
 
 
@@ -83,7 +61,7 @@ def test_empty_batch(family):
 
 
 def test_empty_batch_through_every_model_class():
-    config = EsViTConfig(**TINY["cvt"])  # CvT used to return an empty output here
+    config = tiny("cvt")  # CvT used to return an empty output here
     for model in (EsViTBackbone(config), EsViTForPreTraining(config)):
         with pytest.raises(ValueError, match="empty batch"):
             model(images(batch=0))
@@ -111,7 +89,7 @@ def test_smallest_input_gives_one_region(family):
 
 def test_minimum_follows_the_geometry():
     # CvT without padding loses pixels at every stage: 63 px is the least that leaves one token.
-    config = EsViTConfig(**{**TINY["cvt"], "patch_padding": (0, 0, 0, 0)})
+    config = tiny("cvt", patch_padding=(0, 0, 0, 0))
     assert config.min_input_size == 63
     model = EsViTModel(config).eval()
     with torch.no_grad():
@@ -143,7 +121,7 @@ def test_integer_input_is_refused(family, dtype):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bfloat16_model_takes_float32_input(family):
-    model = EsViTModel(EsViTConfig(**TINY[family])).eval().to(torch.bfloat16)
+    model = EsViTModel(tiny(family)).eval().to(torch.bfloat16)
     with torch.no_grad():
         out = model(images())
     assert out.pooler_output.dtype == torch.bfloat16
