@@ -80,6 +80,44 @@ def tiny_config(family: str, **overrides) -> EsViTConfig:
     return EsViTConfig(**{**TINY_BACKBONES[family], **overrides})
 
 
+# ------------------------------------------------------------------------------------ parity
+#: The tolerances of every comparison with the original code's outputs (float32, CPU).
+PARITY_ATOL, PARITY_RTOL = 1e-5, 1e-4
+#: Encoder outputs the fixtures hold for every reference model.
+FEATURES = ("pooled_global", "region_global", "pooled_local", "region_local", "linear_n1", "linear_n4", "linear_n5")
+
+
+def strip_encoder_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`EsViTModel` keys (`encoder.*`) -> the encoder's own keys."""
+    assert all(k.startswith("encoder.") for k in state), "not EsViTModel encoder keys"
+    return {k.removeprefix("encoder."): v for k, v in state.items()}
+
+
+@torch.no_grad()
+def encoder_features(encoder, inputs: dict, implementation: str) -> dict[str, torch.Tensor]:
+    """The `FEATURES` of an encoder on the fixtures' first global and local view."""
+    glob = encoder(inputs["global_view1"], output_block_features=True, attn_implementation=implementation)
+    local = encoder(inputs["local_view1"], attn_implementation=implementation)
+    blocks = glob.block_features
+    return {
+        "pooled_global": glob.pooler_output,
+        "region_global": glob.last_hidden_state,
+        "pooled_local": local.pooler_output,
+        "region_local": local.last_hidden_state,
+        **{f"linear_n{n}": torch.cat(blocks[-n:], dim=-1) for n in (1, 4, 5)},
+    }
+
+
+def assert_matches_reference(label: str, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Print the max abs difference of every tensor, then compare each at the parity tolerances."""
+    diffs = {k: (got[k] - expected[k]).abs().max().item() for k in got}
+    print(f"\n[{label}] max abs diff: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
+    for key in got:
+        torch.testing.assert_close(
+            got[key], expected[key], atol=PARITY_ATOL, rtol=PARITY_RTOL, msg=lambda m, key=key: f"{label} {key}: {m}"
+        )
+
+
 # ---------------------------------------------------------------------------------- fixtures
 def reference_missing(folder: Path = REFERENCE_DIR) -> str | None:
     """Why the reference fixtures cannot be read from `folder`, or None when they can."""

@@ -12,26 +12,26 @@ from esvit.configuration_esvit import EsViTConfig
 from esvit.conversion.cvt import original_cvt_to_esvit
 from esvit.modeling_esvit import EsViTModel
 from tests.reference import (
+    PARITY_ATOL,
+    PARITY_RTOL,
     REFERENCE_HEAD_SIZES,
+    assert_matches_reference,
+    encoder_features,
     load_reference_outputs,
     load_reference_state_dict,
     reference_config,
     split_heads,
+    strip_encoder_prefix,
     tiny_config,
 )
 
-ATOL, RTOL = 1e-5, 1e-4
+ATOL, RTOL = PARITY_ATOL, PARITY_RTOL
 ENCODER_PREFIX = "encoder."
 
 
 def original_backbone_state(reference_dir, manifest) -> dict[str, torch.Tensor]:
     backbone, _ = split_heads(load_reference_state_dict(reference_dir, manifest, "cvt_tiny"))
     return backbone
-
-
-def strip_encoder_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    assert all(k.startswith(ENCODER_PREFIX) for k in state)
-    return {k[len(ENCODER_PREFIX) :]: v for k, v in state.items()}
 
 
 @pytest.fixture(scope="module")
@@ -53,27 +53,10 @@ def test_encoder_matches_original(
     converted = original_cvt_to_esvit(original_backbone_state(reference_dir, reference_manifest))
     encoder.load_state_dict(strip_encoder_prefix(converted), strict=True)
 
-    with torch.no_grad():
-        global_out = encoder(
-            reference_inputs["global_view1"], output_block_features=True, attn_implementation=attn_implementation
-        )
-        local_out = encoder(reference_inputs["local_view1"], attn_implementation=attn_implementation)
-
-    assert global_out.last_hidden_state.shape == (2, 49, 64)
-    assert local_out.last_hidden_state.shape == (2, 9, 64)
-    blocks = global_out.block_features
-    assert len(blocks) == 7
-    actual = {
-        "pooled_global": global_out.pooler_output,
-        "region_global": global_out.last_hidden_state,
-        "pooled_local": local_out.pooler_output,
-        "region_local": local_out.last_hidden_state,
-        "linear_n1": torch.cat(blocks[-1:], dim=-1),
-        "linear_n4": torch.cat(blocks[-4:], dim=-1),
-        "linear_n5": torch.cat(blocks[-5:], dim=-1),
-    }
-    for name, tensor in actual.items():
-        check_against_reference(name, tensor, reference_outputs[name], f"encoder/{attn_implementation}")
+    got = encoder_features(encoder, reference_inputs, attn_implementation)
+    assert got["region_global"].shape == (2, 49, 64) and got["region_local"].shape == (2, 9, 64)
+    assert got["linear_n5"].shape == (2, 2 * 64 + 2 * 32 + 16)  # the last 5 of the 1-2-2-2 blocks
+    assert_matches_reference(f"cvt_tiny encoder/{attn_implementation}", got, {k: reference_outputs[k] for k in got})
 
 
 def test_model_matches_original(reference_dir, reference_manifest, reference_inputs, reference_outputs):

@@ -17,38 +17,29 @@ from esvit.backbone_swin import SwinEncoder, shift_window_mask, window_merge, wi
 from esvit.configuration_esvit import PRESETS, EsViTConfig
 from esvit.conversion.swin import is_derived_buffer, original_swin_to_esvit
 from tests.reference import (
+    FEATURES,
+    PARITY_ATOL,
+    PARITY_RTOL,
+    assert_matches_reference,
+    encoder_features,
     load_reference_outputs,
     load_reference_state_dict,
     reference_config,
     split_heads,
+    strip_encoder_prefix,
     tiny_config,
 )
 
 SWIN_TINY_REFERENCES = ("swin_tiny_w7", "swin_tiny_w14")
-# Every released (or configured) full-size Swin; swin-micro is a test-only size with no original.
-# the released (and configured) architectures; the micro presets are ours, for tests and small images
+# Every released (or configured) full-size Swin; the micro presets are ours (tests, small images).
 SWIN_PRESETS = sorted(n for n, p in PRESETS.items() if p["backbone_type"] == "swin" and "micro" not in n)
-FEATURES = ("pooled_global", "region_global", "pooled_local", "region_local", "linear_n1", "linear_n4", "linear_n5")
-ATOL, RTOL = 1e-5, 1e-4
+ATOL, RTOL = PARITY_ATOL, PARITY_RTOL
 
 
 def reference_encoder_weights(reference_dir: Path, manifest: dict, name: str) -> dict[str, torch.Tensor]:
     """Original backbone weights converted to EsViTModel keys (`encoder.*`)."""
     backbone, _ = split_heads(load_reference_state_dict(reference_dir, manifest, name))
     return original_swin_to_esvit(backbone)
-
-
-def strip_encoder_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("encoder."): v for k, v in state.items()}
-
-
-def report(label: str, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    diffs = {k: (got[k] - expected[k]).abs().max().item() for k in got}
-    print(f"\n[{label}] max abs diff: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
-    for key in got:
-        torch.testing.assert_close(
-            got[key], expected[key], atol=ATOL, rtol=RTOL, msg=lambda m, key=key: f"{label} {key}: {m}"
-        )
 
 
 # ------------------------------------------------------------------------------------- parity
@@ -61,20 +52,8 @@ def test_encoder_matches_original(name, reference_dir, reference_manifest, refer
     encoder.load_state_dict(strip_encoder_prefix(reference_encoder_weights(reference_dir, reference_manifest, name)))
     expected = load_reference_outputs(reference_dir, reference_manifest, name)
     for impl in ("sdpa", "eager"):
-        with torch.no_grad():
-            glob = encoder(reference_inputs["global_view1"], output_block_features=True, attn_implementation=impl)
-            local = encoder(reference_inputs["local_view1"], attn_implementation=impl)
-        blocks = glob.block_features
-        got = {
-            "pooled_global": glob.pooler_output,
-            "region_global": glob.last_hidden_state,
-            "pooled_local": local.pooler_output,
-            "region_local": local.last_hidden_state,
-            "linear_n1": torch.cat(blocks[-1:], dim=-1),
-            "linear_n4": torch.cat(blocks[-4:], dim=-1),
-            "linear_n5": torch.cat(blocks[-5:], dim=-1),
-        }
-        report(f"{name} encoder {impl}", got, {k: expected[k] for k in FEATURES})
+        got = encoder_features(encoder, reference_inputs, impl)
+        assert_matches_reference(f"{name} encoder {impl}", got, {k: expected[k] for k in FEATURES})
 
 
 @pytest.mark.parametrize("name", SWIN_TINY_REFERENCES)
@@ -95,7 +74,7 @@ def test_model_matches_original(name, reference_dir, reference_manifest, referen
             "region_local": local.last_hidden_state,
         }
         got.update({f"linear_n{n}": model.get_n_last_blocks_features(glob_view, n) for n in (1, 4, 5)})
-    report(f"{name} EsViTModel", got, {k: expected[k] for k in FEATURES})
+    assert_matches_reference(f"{name} EsViTModel", got, {k: expected[k] for k in FEATURES})
 
 
 def test_model_state_dict_loads_strictly_from_converted_checkpoint(reference_dir, reference_manifest):

@@ -26,16 +26,21 @@ from esvit.backbone_vil import (
 from esvit.configuration_esvit import EsViTConfig
 from esvit.conversion.vil import alias_source, key_role, original_vil_to_esvit, rename_key
 from tests.reference import (
+    PARITY_ATOL,
+    PARITY_RTOL,
     REFERENCE_HEAD_SIZES,
+    assert_matches_reference,
+    encoder_features,
     load_reference_outputs,
     load_reference_state_dict,
     reference_config,
     split_heads,
+    strip_encoder_prefix,
     tiny_config,
 )
 
 FEATURES = ("pooled_global", "region_global", "pooled_local", "region_local", "linear_n1", "linear_n4", "linear_n5")
-ATOL, RTOL = 1e-5, 1e-4
+ATOL, RTOL = PARITY_ATOL, PARITY_RTOL
 
 
 def randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -50,29 +55,6 @@ def randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def reference_encoder_weights(reference_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
     backbone, _ = split_heads(load_reference_state_dict(reference_dir, manifest, "vil_tiny"))
     return original_vil_to_esvit(backbone)
-
-
-def strip_encoder_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("encoder."): v for k, v in state.items()}
-
-
-def report(label: str, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    diffs = {k: (got[k] - expected[k]).abs().max().item() for k in got}
-    print(f"\n[{label}] max abs diff: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
-
-
-def encoder_features(encoder: VilEncoder, inputs: dict, implementation: str) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        glob = encoder(inputs["global_view1"], output_block_features=True, attn_implementation=implementation)
-        local = encoder(inputs["local_view1"], attn_implementation=implementation)
-    blocks = glob.block_features
-    return {
-        "pooled_global": glob.pooler_output,
-        "region_global": glob.last_hidden_state,
-        "pooled_local": local.pooler_output,
-        "region_local": local.last_hidden_state,
-        **{f"linear_n{n}": torch.cat(blocks[-n:], dim=-1) for n in (1, 4, 5)},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +75,7 @@ def test_encoder_matches_original(implementation, reference, reference_inputs):
     encoder = VilEncoder(config).eval()
     encoder.load_state_dict(strip_encoder_prefix(weights), strict=True)
     got = encoder_features(encoder, reference_inputs, implementation)
-    report(f"vil_tiny encoder {implementation}", got, expected)
+    assert_matches_reference(f"vil_tiny encoder {implementation}", got, expected)
     for name in FEATURES:
         torch.testing.assert_close(got[name], expected[name], atol=ATOL, rtol=RTOL, msg=name)
 
@@ -110,7 +92,7 @@ def test_model_matches_original(reference, reference_inputs):
             got[f"pooled_{view}"], got[f"region_{view}"] = out.pooler_output, out.last_hidden_state
         for n in (1, 4, 5):
             got[f"linear_n{n}"] = model.get_n_last_blocks_features(reference_inputs["global_view1"], n)
-    report("vil_tiny EsViTModel", got, expected)
+    assert_matches_reference("vil_tiny EsViTModel", got, expected)
     for name in FEATURES:
         torch.testing.assert_close(got[name], expected[name], atol=ATOL, rtol=RTOL, msg=name)
 
