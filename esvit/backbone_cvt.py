@@ -185,14 +185,12 @@ class CvtEncoder(BackboneEncoder):
     `pooler_output` is their mean.
     """
 
+    backbone_type, family = "cvt", "CvT"
+
     def __init__(self, config: EsViTConfig):
-        super().__init__()
-        if config.backbone_type != "cvt":
-            raise ValueError(f"CvtEncoder needs backbone_type='cvt', got {config.backbone_type!r}.")
+        super().__init__(config)
         # `EsViTConfig.validate_cvt` has checked what CvT-v4 needs (no absolute embeddings, a normed
         # patch embedding, a size-preserving depthwise q/k/v convolution).
-        self.config = config
-        self.min_input_size = config.min_input_size
         total = sum(config.depths)
         # Stochastic-depth rate grows linearly over all blocks of all stages. Computed on the CPU
         # explicitly: `from_pretrained` builds the model under a meta-device context.
@@ -204,8 +202,6 @@ class CvtEncoder(BackboneEncoder):
             in_channels, start = config.hidden_sizes[index], start + depth
         self.stages = nn.ModuleList(stages)
         self.norm = CvtLayerNorm(in_channels, eps=config.layer_norm_eps)
-
-    family = "CvT"
 
     def encode(
         self, pixel_values, output_hidden_states, output_attentions, output_block_features, attn_implementation

@@ -292,17 +292,15 @@ class SwinEncoder(BackboneEncoder):
         (torch.Size([2, 9, 128]), torch.Size([2, 128]))
     """
 
+    backbone_type, family = "swin", "Swin"
+
     def __init__(self, config: EsViTConfig):
-        super().__init__()
-        if config.backbone_type != "swin":
-            raise ValueError(f"SwinEncoder needs backbone_type='swin', got {config.backbone_type!r}.")
-        self.config = config
+        super().__init__(config)
         self.patch_embed = SwinPatchEmbed(config)
         # Each stage is built for the map it gets at the training size: image_size // patch, then
         # halved and rounded UP by every patch merging (it pads odd maps), e.g. 14, 7, 4 for 28 px
         # with 2x2 patches. `EsViTConfig` guarantees every stage at least one token.
         self.stage_resolutions = config.stage_resolutions()
-        self.min_input_size = config.min_input_size
         base_resolution = self.stage_resolutions[0]
         self.base_resolution = base_resolution
         if config.use_absolute_embeddings:
@@ -344,8 +342,6 @@ class SwinEncoder(BackboneEncoder):
         grid = self.absolute_pos_embed.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # [1, C0, s, s]
         grid = F.interpolate(grid, size=spatial, mode="bicubic", align_corners=False)
         return grid.flatten(2).transpose(1, 2)
-
-    family = "Swin"
 
     def encode(
         self, pixel_values, output_hidden_states, output_attentions, output_block_features, attn_implementation

@@ -522,12 +522,10 @@ class VilEncoder(BackboneEncoder):
             default generator. `manual_seed(seed)` installs a fresh seeded one.
     """
 
+    backbone_type, family = "vil", "ViL"
+
     def __init__(self, config: EsViTConfig):
-        super().__init__()
-        if config.backbone_type != "vil":
-            raise ValueError(f"VilEncoder needs backbone_type='vil', got {config.backbone_type!r}.")
-        self.config = config
-        self.min_input_size = config.min_input_size
+        super().__init__(config)
         self.vil_mode = config.vil_mode
         self.generator: torch.Generator | None = None
         self.num_global_tokens = tuple(config.vil_num_global_tokens)
@@ -561,8 +559,6 @@ class VilEncoder(BackboneEncoder):
             return [None] * self.num_sparse_blocks
         draws = torch.randint(0, len(OTHER_CHUNKS), (self.num_sparse_blocks,), generator=self.generator)
         return [torch.tensor([SELF_CHUNK, OTHER_CHUNKS[i]]) for i in draws.tolist()]
-
-    family = "ViL"
 
     def encode(
         self, pixel_values, output_hidden_states, output_attentions, output_block_features, attn_implementation

@@ -109,13 +109,23 @@ def prepare_encoder_inputs(
 class BackboneEncoder(nn.Module):
     """What the three backbone encoders share: the input checks, then their own `encode`.
 
-    Subclasses set `family` (the name in messages) and `min_input_size` and implement
-    `encode(pixel_values, output_hidden_states, output_attentions, output_block_features,
-    attn_implementation) -> EncoderOutput` on checked input.
+    Subclasses set `backbone_type` (the config value they implement) and `family` (their name in
+    messages), call `super().__init__(config)`, and implement `encode(pixel_values,
+    output_hidden_states, output_attentions, output_block_features, attn_implementation) ->
+    EncoderOutput` on checked input.
     """
 
+    backbone_type: str = ""
     family: str = "EsViT"
-    min_input_size: int = 1
+
+    def __init__(self, config):
+        super().__init__()
+        if config.backbone_type != self.backbone_type:
+            raise ValueError(
+                f"{type(self).__name__} needs backbone_type={self.backbone_type!r}, got {config.backbone_type!r}."
+            )
+        self.config = config
+        self.min_input_size = config.min_input_size
 
     def forward(
         self,

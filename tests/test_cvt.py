@@ -7,25 +7,21 @@ import json
 import pytest
 import torch
 
+import tests.reference as parity
 from esvit.backbone_cvt import CvtEncoder
 from esvit.configuration_esvit import EsViTConfig
 from esvit.conversion.cvt import original_cvt_to_esvit
 from esvit.modeling_esvit import EsViTModel
 from tests.reference import (
-    PARITY_ATOL,
-    PARITY_RTOL,
     REFERENCE_HEAD_SIZES,
-    assert_matches_reference,
-    encoder_features,
     load_reference_outputs,
     load_reference_state_dict,
     reference_config,
     split_heads,
-    strip_encoder_prefix,
     tiny_config,
 )
 
-ATOL, RTOL = PARITY_ATOL, PARITY_RTOL
+ATOL, RTOL = parity.PARITY_ATOL, parity.PARITY_RTOL
 ENCODER_PREFIX = "encoder."
 
 
@@ -51,12 +47,14 @@ def test_encoder_matches_original(
 ):
     encoder = CvtEncoder(tiny_config("cvt", **REFERENCE_HEAD_SIZES)).eval()
     converted = original_cvt_to_esvit(original_backbone_state(reference_dir, reference_manifest))
-    encoder.load_state_dict(strip_encoder_prefix(converted), strict=True)
+    encoder.load_state_dict(parity.strip_encoder_prefix(converted), strict=True)
 
-    got = encoder_features(encoder, reference_inputs, attn_implementation)
+    got = parity.encoder_features(encoder, reference_inputs, attn_implementation)
     assert got["region_global"].shape == (2, 49, 64) and got["region_local"].shape == (2, 9, 64)
     assert got["linear_n5"].shape == (2, 2 * 64 + 2 * 32 + 16)  # the last 5 of the 1-2-2-2 blocks
-    assert_matches_reference(f"cvt_tiny encoder/{attn_implementation}", got, {k: reference_outputs[k] for k in got})
+    parity.assert_matches_reference(
+        f"cvt_tiny encoder/{attn_implementation}", got, {k: reference_outputs[k] for k in got}
+    )
 
 
 def test_model_matches_original(reference_dir, reference_manifest, reference_inputs, reference_outputs):

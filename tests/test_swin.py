@@ -13,27 +13,23 @@ from pathlib import Path
 import pytest
 import torch
 
+import tests.reference as parity
 from esvit.backbone_swin import SwinEncoder, shift_window_mask, window_merge, window_partition
 from esvit.configuration_esvit import PRESETS, EsViTConfig
 from esvit.conversion.swin import is_derived_buffer, original_swin_to_esvit
 from tests.reference import (
     FEATURES,
-    PARITY_ATOL,
-    PARITY_RTOL,
-    assert_matches_reference,
-    encoder_features,
     load_reference_outputs,
     load_reference_state_dict,
     reference_config,
     split_heads,
-    strip_encoder_prefix,
     tiny_config,
 )
 
 SWIN_TINY_REFERENCES = ("swin_tiny_w7", "swin_tiny_w14")
 # Every released (or configured) full-size Swin; the micro presets are ours (tests, small images).
 SWIN_PRESETS = sorted(n for n, p in PRESETS.items() if p["backbone_type"] == "swin" and "micro" not in n)
-ATOL, RTOL = PARITY_ATOL, PARITY_RTOL
+ATOL, RTOL = parity.PARITY_ATOL, parity.PARITY_RTOL
 
 
 def reference_encoder_weights(reference_dir: Path, manifest: dict, name: str) -> dict[str, torch.Tensor]:
@@ -49,11 +45,13 @@ def test_encoder_matches_original(name, reference_dir, reference_manifest, refer
     config = reference_config(reference_manifest, name, heads=False)
     assert tuple(entry["depths_for_n_last_blocks"]) == config.depths
     encoder = SwinEncoder(config).eval()
-    encoder.load_state_dict(strip_encoder_prefix(reference_encoder_weights(reference_dir, reference_manifest, name)))
+    encoder.load_state_dict(
+        parity.strip_encoder_prefix(reference_encoder_weights(reference_dir, reference_manifest, name))
+    )
     expected = load_reference_outputs(reference_dir, reference_manifest, name)
     for impl in ("sdpa", "eager"):
-        got = encoder_features(encoder, reference_inputs, impl)
-        assert_matches_reference(f"{name} encoder {impl}", got, {k: expected[k] for k in FEATURES})
+        got = parity.encoder_features(encoder, reference_inputs, impl)
+        parity.assert_matches_reference(f"{name} encoder {impl}", got, {k: expected[k] for k in FEATURES})
 
 
 @pytest.mark.parametrize("name", SWIN_TINY_REFERENCES)
@@ -62,7 +60,7 @@ def test_model_matches_original(name, reference_dir, reference_manifest, referen
 
     model = EsViTModel(reference_config(reference_manifest, name, heads=False)).eval()
     weights = reference_encoder_weights(reference_dir, reference_manifest, name)
-    model.encoder.load_state_dict(strip_encoder_prefix(weights))
+    model.encoder.load_state_dict(parity.strip_encoder_prefix(weights))
     expected = load_reference_outputs(reference_dir, reference_manifest, name)
     glob_view, local_view = reference_inputs["global_view1"], reference_inputs["local_view1"]
     with torch.no_grad():
@@ -74,7 +72,7 @@ def test_model_matches_original(name, reference_dir, reference_manifest, referen
             "region_local": local.last_hidden_state,
         }
         got.update({f"linear_n{n}": model.get_n_last_blocks_features(glob_view, n) for n in (1, 4, 5)})
-    assert_matches_reference(f"{name} EsViTModel", got, {k: expected[k] for k in FEATURES})
+    parity.assert_matches_reference(f"{name} EsViTModel", got, {k: expected[k] for k in FEATURES})
 
 
 def test_model_state_dict_loads_strictly_from_converted_checkpoint(reference_dir, reference_manifest):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tests.reference as parity
 from esvit.backbone_vil import (
     OTHER_CHUNKS,
     SELF_CHUNK,
@@ -26,21 +27,16 @@ from esvit.backbone_vil import (
 from esvit.configuration_esvit import EsViTConfig
 from esvit.conversion.vil import alias_source, key_role, original_vil_to_esvit, rename_key
 from tests.reference import (
-    PARITY_ATOL,
-    PARITY_RTOL,
     REFERENCE_HEAD_SIZES,
-    assert_matches_reference,
-    encoder_features,
     load_reference_outputs,
     load_reference_state_dict,
     reference_config,
     split_heads,
-    strip_encoder_prefix,
     tiny_config,
 )
 
 FEATURES = ("pooled_global", "region_global", "pooled_local", "region_local", "linear_n1", "linear_n4", "linear_n5")
-ATOL, RTOL = PARITY_ATOL, PARITY_RTOL
+ATOL, RTOL = parity.PARITY_ATOL, parity.PARITY_RTOL
 
 
 def randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -73,9 +69,9 @@ def test_encoder_matches_original(implementation, reference, reference_inputs):
     # the manifest's arch string is the tiny preset used elsewhere
     assert config == tiny_config("vil", **REFERENCE_HEAD_SIZES)
     encoder = VilEncoder(config).eval()
-    encoder.load_state_dict(strip_encoder_prefix(weights), strict=True)
-    got = encoder_features(encoder, reference_inputs, implementation)
-    assert_matches_reference(f"vil_tiny encoder {implementation}", got, expected)
+    encoder.load_state_dict(parity.strip_encoder_prefix(weights), strict=True)
+    got = parity.encoder_features(encoder, reference_inputs, implementation)
+    parity.assert_matches_reference(f"vil_tiny encoder {implementation}", got, expected)
     for name in FEATURES:
         torch.testing.assert_close(got[name], expected[name], atol=ATOL, rtol=RTOL, msg=name)
 
@@ -92,7 +88,7 @@ def test_model_matches_original(reference, reference_inputs):
             got[f"pooled_{view}"], got[f"region_{view}"] = out.pooler_output, out.last_hidden_state
         for n in (1, 4, 5):
             got[f"linear_n{n}"] = model.get_n_last_blocks_features(reference_inputs["global_view1"], n)
-    assert_matches_reference("vil_tiny EsViTModel", got, expected)
+    parity.assert_matches_reference("vil_tiny EsViTModel", got, expected)
     for name in FEATURES:
         torch.testing.assert_close(got[name], expected[name], atol=ATOL, rtol=RTOL, msg=name)
 
@@ -109,7 +105,7 @@ def test_meta_device_build_rebuilds_derived_buffers(reference, reference_inputs)
             module.relative_position_index.fill_(-1)  # what uninitialised memory may hold
         if hasattr(module, "_init_esvit_weights"):
             module._init_esvit_weights(config.initializer_range)
-    encoder.load_state_dict(strip_encoder_prefix(weights), strict=True)
+    encoder.load_state_dict(parity.strip_encoder_prefix(weights), strict=True)
     with torch.no_grad():
         out = encoder(reference_inputs["local_view1"])
     torch.testing.assert_close(out.last_hidden_state, expected["region_local"], atol=ATOL, rtol=RTOL)
