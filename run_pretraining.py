@@ -67,6 +67,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
     from esvit.training.loss import LOSS_STATE_FILE, EsViTLoss
     from esvit.training.monitoring import CollapseMonitor, KnnMonitor, MetricWindow
     from esvit.training.optim import get_param_groups
+    from esvit.training.pictures import log_pictures, pick_pictures
     from esvit.training.pretrainer import EsViTPretrainer
     from esvit.training.schedules import plan_training
 
@@ -190,6 +191,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
         knn = KnnMonitor(data_args.eval_dataset_name, config.image_size, data_args.eval_max_samples,
                          data_args.eval_label_column, seed=args.seed) if data_args.eval_dataset_name else None  # fmt: skip
         eval_every = args.eval_steps or max(1, plan.total_steps // 10)
+        tensorboard = accelerator.is_main_process and any(t.name == "tensorboard" for t in accelerator.trackers)
+        pictures = pick_pictures(dataset, 2) if tensorboard else []  # drawn for TensorBoard only
         window = MetricWindow(accelerator.device)
         collapse = CollapseMonitor(config.head_out_dim, args.collapse_patience_steps)
         counts = accelerator.reduce(
@@ -241,6 +244,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
         step = start_step = state.global_step
         if knn and step < plan.total_steps:
             log_knn(step)
+        log_pictures(accelerator, teacher, pictures, collator.augment, step, seed=args.seed)
         last_saved = step if resume_folder is not None else None
         progress = tqdm(total=plan.total_steps, initial=step, disable=not accelerator.is_local_main_process)
         eta = EtaReporter(plan.total_steps, step, global_batch)
@@ -282,8 +286,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
                     progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                     logger.info(f"step {step}/{plan.total_steps} " + " ".join(
                         f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))  # fmt: skip
-                if knn and (step % eval_every == 0 or done):
-                    log_knn(step)
+                if step % eval_every == 0 or done:
+                    if knn:
+                        log_knn(step)
+                    log_pictures(accelerator, teacher, pictures, collator.augment, step, seed=args.seed)
                 if checkpoint_every and step % checkpoint_every == 0:
                     save(step)
                     last_saved = step

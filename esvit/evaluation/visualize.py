@@ -23,10 +23,13 @@ Everything is drawn with PIL and numpy (no plotting library). From the command l
         --images cat.jpg dog.png --output_dir vis/
     python -m esvit.evaluation.visualize --model_name_or_path esvit-output/model \\
         --dataset esvit/data/fashion_mnist_500.parquet --num_images 3 --recipe tiny-cpu-default \\
-        --output_dir vis/ --combined vis/all.png
+        --image_size 128 --output_dir vis/ --summary vis/summary.png
 
-writes `vis/<image>_<figure>.png` for every image and figure. In Python, `render_figures` returns
-the same figures as `uint8 [H, W, 3]` arrays keyed by TensorBoard tags
+writes `vis/<image>_<figure>.png` for every image and figure (and, with `--summary`, one picture
+with a row per image). `--image_size` lets the model look at the whole image and at the two global
+crops at a larger size than it was trained at, for more region tokens (Swin's windows stay pinned
+at the training size). In Python, `render_figures` returns the same figures as `uint8 [H, W, 3]`
+arrays keyed by TensorBoard tags
 (`writer.add_image(tag, array, step, dataformats="HWC")`); `esvit.training.pictures` logs them
 during pretraining.
 """
@@ -51,21 +54,24 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FIGURE_KINDS",
+    "ImagePanels",
     "RegionAnalysis",
     "analyse_regions",
     "attention_note",
-    "attention_figure",
+    "attention_panels",
     "colormap",
-    "combine_figures",
-    "correspondence_figure",
-    "crops_figure",
+    "crop_panels",
     "default_augmentation",
+    "draw_image",
+    "figures_of",
     "main",
     "match_regions",
+    "matching_panel",
     "pca_colors",
-    "pca_figure",
+    "pca_panels",
     "received_attention",
     "render_figures",
+    "summary_figure",
     "unnormalize",
     "visualize_image",
 ]
@@ -171,6 +177,20 @@ def _titled(panel: Image.Image, title: str, font_size: int = 13) -> Image.Image:
     ImageDraw.Draw(out).text(((width - (right - left)) // 2, 3), title, fill=_TEXT, font=font)
     out.paste(panel, ((width - panel.width) // 2, strip))
     return out
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """`text` in lines no wider than `width` pixels (a single long word stays whole)."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        left, _, right, _ = measure.textbbox((0, 0), candidate, font=font)
+        if lines and right - left <= width:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def _hstack(panels: Sequence[Image.Image], gap: int = _GAP) -> Image.Image:
@@ -361,73 +381,112 @@ def default_augmentation(config, recipe: str | None = None, **overrides):
 
     Without a recipe: global crops of `config.image_size`, local crops of 96/224 of it. `overrides`
     are `DataArguments` fields (`local_crop_size`, `num_local_crops`, `blur_probs`, ...); None
-    values are ignored.
+    values are ignored. Built as `esvit.training.data.build_augmentation` builds it, without
+    importing `datasets`.
     """
-    from ..training.arguments import DataArguments
-    from ..training.data import build_augmentation
+    from ..training.arguments import DataArguments, pair
+    from ..training.multicrop import MultiCropAugmentation
 
     values = dict(global_crop_size=config.image_size, local_crop_size=max(8, round(config.image_size * 96 / 224)))
     if recipe is not None:
         from ..training.recipes import get_recipe
 
-        fields = set(DataArguments.__dataclass_fields__)
-        values.update({k: v for k, v in get_recipe(recipe).items() if k in fields})
+        values.update({k: v for k, v in get_recipe(recipe).items() if k in DataArguments.__dataclass_fields__})
     values.update({k: v for k, v in overrides.items() if v is not None})
     crop_fields = ("global_crop_size", "global_crops_scale", "local_crop_size", "num_local_crops")
     crop_fields += ("local_crops_scale", "blur_probs")
-    return build_augmentation(DataArguments(**{k: v for k, v in values.items() if k in crop_fields}))
+    args = DataArguments(**{k: v for k, v in values.items() if k in crop_fields})  # validates the values
+    return MultiCropAugmentation(
+        global_crop_size=args.global_crop_size,
+        global_crops_scale=pair(args.global_crops_scale, "global_crops_scale"),
+        num_local_crops=args.num_local_crops,
+        local_crop_size=args.local_crop_size,
+        local_crops_scale=pair(args.local_crops_scale, "local_crops_scale"),
+        blur_probs=tuple(args.blur_probs),
+    )
 
 
 def _eval_view(image: Image.Image, size: int) -> torch.Tensor:
-    from .data import build_eval_transform
+    """The whole image as the model sees it in evaluation: shorter side resized to `size`
+    (bicubic), centre crop, ImageNet normalisation (`evaluation.data.build_eval_transform` with
+    no margin, so a square image is shown entirely)."""
+    from torchvision import transforms
 
-    return build_eval_transform(size, resize_size=size)(image.convert("RGB"))
+    transform = transforms.Compose(
+        [
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    return transform(image.convert("RGB"))
 
 
-def crops_figure(crops: Sequence[torch.Tensor], panel_size: int = DEFAULT_PANEL_SIZE) -> Image.Image:
-    """The multi-crop views in a row: 2 global, then the local ones, at their relative sizes."""
+@dataclass
+class ImagePanels:
+    """The drawn pieces of one image, at the display size; None where not drawn.
+
+    `crops`: `(title, panel)` of every multi-crop view; `view`: the whole image as the model saw
+    it; `attention`, `attention_overlay`: the heat map alone and over `view`; `pca`, `pca_overlay`:
+    the PCA colours alone and over `view`; `matching`: the two global views joined by the lines of
+    the region matching, with its caption `matching_title`; `grid`: the last-stage token map of `view`.
+    """
+
+    crops: list[tuple[str, Image.Image]] | None = None
+    view: Image.Image | None = None
+    attention: Image.Image | None = None
+    attention_overlay: Image.Image | None = None
+    pca: Image.Image | None = None
+    pca_overlay: Image.Image | None = None
+    matching: Image.Image | None = None
+    matching_title: str = ""
+    grid: tuple[int, int] | None = None
+
+
+def crop_panels(crops: Sequence[torch.Tensor], panel_size: int = DEFAULT_PANEL_SIZE) -> list:
+    """`(title, panel)` of each multi-crop view: 2 global, then the local ones, at their relative sizes."""
     global_side = crops[0].shape[-1]
     panels = []
     for i, crop in enumerate(crops):
         side = max(8, round(panel_size * crop.shape[-1] / global_side))
         name = f"global {i + 1}" if i < 2 else f"local {i - 1}"
-        panels.append(_titled(_resize(unnormalize(crop), (side, side)), f"{name} ({crop.shape[-1]} px)"))
-    return _hstack(panels)
+        panels.append((f"{name} ({crop.shape[-1]} px)", _resize(unnormalize(crop), (side, side))))
+    return panels
 
 
-def attention_figure(view: torch.Tensor, analysis: RegionAnalysis, panel_size: int = DEFAULT_PANEL_SIZE):
-    """[view | heat map over the view | heat map], or None without an attention map."""
-    if analysis.attention is None:
-        return None
-    size = (panel_size, panel_size)
-    base = _resize(unnormalize(view), size)
+def attention_panels(view: Image.Image, analysis: RegionAnalysis) -> tuple[Image.Image, Image.Image]:
+    """(heat map, heat map over `view`) of the attention each last-stage token receives."""
+    size = view.size
     heat = _upsample_grid(analysis.attention, analysis.stride, analysis.image_hw, size[::-1], smooth=True)
     colours = colormap(_normalise01(heat))
+    return Image.fromarray(colours), _blend(view, colours)
+
+
+def pca_panels(view: Image.Image, analysis: RegionAnalysis) -> tuple[Image.Image, Image.Image]:
+    """(PCA colours of the region features, the same over `view`); each region keeps its square."""
     h, w = analysis.grid
-    return _hstack(
-        [
-            _titled(base, "input"),
-            _titled(_blend(base, colours), f"attention received ({h}x{w} tokens)"),
-            _titled(Image.fromarray(colours), "last block, mean of heads"),
-        ]
-    )
+    rgb = pca_colors(analysis.features).reshape(h, w, 3)
+    upsampled = _upsample_grid(rgb, analysis.stride, analysis.image_hw, view.size[::-1], smooth=False)
+    colours = np.round(np.clip(upsampled, 0, 1) * 255).astype(np.uint8)
+    return Image.fromarray(colours), _blend(view, colours, alpha=0.6)
 
 
-def correspondence_figure(
+def matching_panel(
     view1: torch.Tensor,
     view2: torch.Tensor,
     analysis1: RegionAnalysis,
     analysis2: RegionAnalysis,
     panel_size: int = DEFAULT_PANEL_SIZE,
     max_lines: int = 64,
-) -> Image.Image:
-    """The two views side by side, a line from each region of view 1 to its best match in view 2."""
+) -> tuple[Image.Image, str]:
+    """The two views side by side, a line from each region of view 1 to its best match in view 2
+    (the `max_lines` most similar pairs when there are more), and a caption."""
     gap = max(24, panel_size // 4)
     size = (panel_size, panel_size)
-    left, right = _resize(unnormalize(view1), size), _resize(unnormalize(view2), size)
     canvas = Image.new("RGB", (2 * panel_size + gap, panel_size), _BACKGROUND)
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (panel_size + gap, 0))
+    canvas.paste(_resize(unnormalize(view1), size), (0, 0))
+    canvas.paste(_resize(unnormalize(view2), size), (panel_size + gap, 0))
     draw = ImageDraw.Draw(canvas)
 
     def centres(analysis: RegionAnalysis, x0: int) -> list[tuple[float, float]]:
@@ -439,7 +498,7 @@ def correspondence_figure(
             for c in range(w)
         ]
 
-    for analysis, x0 in ((analysis1, 0), (analysis2, panel_size + gap)):  # region grid, faint
+    for analysis, x0 in ((analysis1, 0), (analysis2, panel_size + gap)):  # the region grid, in white
         (h, w), s, (height, width) = analysis.grid, analysis.stride, analysis.image_hw
         for r in range(1, h):
             y = min(r * s, height) * panel_size / height
@@ -451,34 +510,103 @@ def correspondence_figure(
     index, similarity = match_regions(analysis1.features, analysis2.features)
     points1, points2 = centres(analysis1, 0), centres(analysis2, panel_size + gap)
     order = torch.argsort(similarity, descending=True)[:max_lines].tolist()
-    width = max(1, panel_size // 96)
+    line_width = max(1, round(panel_size / 80))
     radius = max(2, panel_size // 64)
     for i in order:
         colour = _PALETTE[i % len(_PALETTE)]
         (x1, y1), (x2, y2) = points1[i], points2[int(index[i])]
-        draw.line([(x1, y1), (x2, y2)], fill=colour, width=width)
+        draw.line([(x1, y1), (x2, y2)], fill=colour, width=line_width)
         for x, y in ((x1, y1), (x2, y2)):
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour, outline=(255, 255, 255))
     shown = f"{len(order)} of {len(points1)}" if len(order) < len(points1) else f"{len(points1)}"
-    title = f"global 1 -> global 2: {shown} regions, each to its most similar region (mean cos {similarity.mean():.2f})"
-    return _titled(canvas, title)
+    return canvas, f"{shown} regions of global 1 -> most similar of global 2 (mean cos {similarity.mean():.2f})"
 
 
-def pca_figure(view: torch.Tensor, analysis: RegionAnalysis, panel_size: int = DEFAULT_PANEL_SIZE) -> Image.Image:
-    """[view | PCA of the region features as RGB | blended over the view]."""
-    size = (panel_size, panel_size)
-    base = _resize(unnormalize(view), size)
-    h, w = analysis.grid
-    rgb = pca_colors(analysis.features).reshape(h, w, 3)
-    upsampled = _upsample_grid(rgb, analysis.stride, analysis.image_hw, size[::-1], smooth=False)
-    colours = np.round(np.clip(upsampled, 0, 1) * 255).astype(np.uint8)
-    return _hstack(
-        [
-            _titled(base, "input"),
-            _titled(Image.fromarray(colours), f"PCA of {h * w} region features"),
-            _titled(_blend(base, colours, alpha=0.6), "over the input"),
-        ]
-    )
+def _resized_view(crop: torch.Tensor, size: int | None) -> torch.Tensor:
+    """A normalised crop resampled (bicubic) to `size` px, for the model; unchanged when None or equal."""
+    if size is None or crop.shape[-1] == size:
+        return crop
+    return torch.nn.functional.interpolate(crop[None], size=(size, size), mode="bicubic", antialias=True)[0]
+
+
+def draw_image(
+    model: torch.nn.Module,
+    image: Image.Image,
+    augmentation=None,
+    *,
+    kinds: Sequence[str] = FIGURE_KINDS,
+    seed: int = 0,
+    image_size: int | None = None,
+    panel_size: int = DEFAULT_PANEL_SIZE,
+) -> ImagePanels:
+    """Run the model on one image and draw the pieces of the figures `kinds` (see `visualize_image`)."""
+    unknown = set(kinds) - set(FIGURE_KINDS)
+    if unknown:
+        raise ValueError(f"unknown figure kinds {sorted(unknown)}; choose from {FIGURE_KINDS}.")
+    backbone = _backbone(model)
+    config = backbone.config
+    image = image.convert("RGB")
+    panels = ImagePanels()
+    if "crops" in kinds or "correspondence" in kinds:
+        augmentation = augmentation or default_augmentation(config)
+        crops = augmentation(image, seed=seed)
+        panels.crops = crop_panels(crops, panel_size)
+    if "attention" in kinds or "pca" in kinds:
+        view = _eval_view(image, image_size or config.image_size)
+        (analysis,) = analyse_regions(backbone, view[None], with_attention="attention" in kinds)
+        panels.view = _resize(unnormalize(view), (panel_size, panel_size))
+        panels.grid = analysis.grid
+        if "attention" in kinds:
+            if analysis.attention is None:
+                logger.warning("attention figure skipped: %s", attention_note(config))
+            else:
+                panels.attention, panels.attention_overlay = attention_panels(panels.view, analysis)
+        if "pca" in kinds:
+            panels.pca, panels.pca_overlay = pca_panels(panels.view, analysis)
+    if "correspondence" in kinds:
+        # The model sees the two global crops at `image_size` when given (more region tokens).
+        pair = torch.stack([_resized_view(crops[0], image_size), _resized_view(crops[1], image_size)])
+        first, second = analyse_regions(backbone, pair, with_attention=False)
+        panels.matching, panels.matching_title = matching_panel(crops[0], crops[1], first, second, panel_size)
+    if "crops" not in kinds:
+        panels.crops = None
+    return panels
+
+
+_FIGURE_TITLES = {
+    "crops": "multi-crop views of pretraining",
+    "attention": "teacher attention, last stage",
+    "correspondence": "region matching between two views",
+    "pca": "region features, first 3 principal components as RGB",
+}
+
+
+def figures_of(panels: ImagePanels) -> dict[str, np.ndarray]:
+    """The stand-alone figures `{kind: uint8 [H, W, 3]}` of one image's panels."""
+    figures = {}
+    if panels.crops:
+        figures["crops"] = _hstack([_titled(panel, title) for title, panel in panels.crops])
+    if panels.attention is not None:
+        h, w = panels.grid
+        figures["attention"] = _hstack(
+            [
+                _titled(panels.view, "input"),
+                _titled(panels.attention_overlay, f"attention received ({h}x{w} tokens)"),
+                _titled(panels.attention, "last block, mean of heads"),
+            ]
+        )
+    if panels.matching is not None:
+        figures["correspondence"] = _titled(panels.matching, panels.matching_title)
+    if panels.pca is not None:
+        h, w = panels.grid
+        figures["pca"] = _hstack(
+            [
+                _titled(panels.view, "input"),
+                _titled(panels.pca, f"PCA of {h * w} region features"),
+                _titled(panels.pca_overlay, "over the input"),
+            ]
+        )
+    return {k: np.asarray(_framed(figures[k], _FIGURE_TITLES[k])) for k in FIGURE_KINDS if k in figures}
 
 
 def visualize_image(
@@ -501,43 +629,15 @@ def visualize_image(
         kinds: a subset of `FIGURE_KINDS`.
         seed: the augmentation seed (same seed, same crops: pictures of successive training steps
             stay comparable).
-        image_size: side of the whole-image view for the attention and PCA figures (default: the
-            model's `image_size`).
+        image_size: side at which the model sees the whole image (attention, PCA) and the two
+            global crops (correspondence); default: the model's `image_size` and the crops' own
+            size. Larger values give more region tokens (4x4 instead of 2x2 for a 64-px Swin-micro).
         panel_size: display side of a global view.
     """
-    unknown = set(kinds) - set(FIGURE_KINDS)
-    if unknown:
-        raise ValueError(f"unknown figure kinds {sorted(unknown)}; choose from {FIGURE_KINDS}.")
-    backbone = _backbone(model)
-    config = backbone.config
-    image = image.convert("RGB")
-    figures: dict[str, Image.Image | None] = {}
-    needs_crops = any(k in kinds for k in ("crops", "correspondence"))
-    if needs_crops:
-        augmentation = augmentation or default_augmentation(config)
-        crops = augmentation(image, seed=seed)
-    if "crops" in kinds:
-        figures["crops"] = crops_figure(crops, panel_size)
-    if any(k in kinds for k in ("attention", "pca")):
-        view = _eval_view(image, image_size or config.image_size)
-        (analysis,) = analyse_regions(backbone, view[None], with_attention="attention" in kinds)
-        if "attention" in kinds:
-            figures["attention"] = attention_figure(view, analysis, panel_size)
-            if figures["attention"] is None:
-                logger.warning("attention figure skipped: %s", attention_note(config))
-        if "pca" in kinds:
-            figures["pca"] = pca_figure(view, analysis, panel_size)
-    if "correspondence" in kinds:
-        pair = torch.stack([crops[0], crops[1]])
-        first, second = analyse_regions(backbone, pair, with_attention=False)
-        figures["correspondence"] = correspondence_figure(crops[0], crops[1], first, second, panel_size)
-    titles = {
-        "crops": "multi-crop views of pretraining",
-        "attention": "teacher attention, last stage",
-        "correspondence": "region matching between two views",
-        "pca": "region features, first 3 principal components as RGB",
-    }
-    return {k: np.asarray(_framed(figures[k], titles[k])) for k in kinds if figures.get(k) is not None}
+    panels = draw_image(
+        model, image, augmentation, kinds=kinds, seed=seed, image_size=image_size, panel_size=panel_size
+    )
+    return figures_of(panels)
 
 
 def render_figures(
@@ -564,15 +664,65 @@ def render_figures(
     return out
 
 
-def combine_figures(per_image: Sequence[tuple[str, dict[str, np.ndarray]]], columns: int | None = None) -> Image.Image:
-    """One picture of every figure: a column of figures per image, images side by side."""
-    blocks = []
-    for name, figures in per_image:
-        panels = [Image.fromarray(a) for a in figures.values()]
-        blocks.append(_titled(_vstack(panels), name, font_size=16))
-    columns = columns or len(blocks)
-    rows = [_hstack(blocks[i : i + columns], gap=3 * _GAP) for i in range(0, len(blocks), columns)]
-    return _vstack(rows, gap=3 * _GAP)
+def _tile(panels: Sequence[Image.Image], side: int, gap: int = 4) -> Image.Image:
+    """Small panels in a square-ish grid that fits into `side x side`."""
+    columns = math.ceil(math.sqrt(len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    cell = max(4, (side - gap * (columns - 1)) // columns)
+    out = Image.new("RGB", (side, side), _BACKGROUND)
+    top = (side - (rows * cell + gap * (rows - 1))) // 2
+    for i, panel in enumerate(panels):
+        r, c = divmod(i, columns)
+        out.paste(panel.resize((cell, cell), Image.BICUBIC), (c * (cell + gap), top + r * (cell + gap)))
+    return out
+
+
+def summary_figure(rows: Sequence[ImagePanels]) -> Image.Image:
+    """One row per image: the 2 global crops, the local crops (tiled), the attention over the
+    image, the region matching between the global crops, and the PCA over the image; a header
+    line names the columns once."""
+    header_font = _font(14)
+    table = []
+    for panels in rows:
+        cells: list[tuple[str, Image.Image]] = []
+        if panels.crops:
+            side = panels.crops[0][1].width
+            cells += [("global crop 1", panels.crops[0][1]), ("global crop 2", panels.crops[1][1])]
+            if len(panels.crops) > 2:
+                cells.append((f"{len(panels.crops) - 2} local crops", _tile([p for _, p in panels.crops[2:]], side)))
+        if panels.attention_overlay is not None:
+            cells.append(("teacher attention, last stage", panels.attention_overlay))
+        if panels.matching is not None:
+            cells.append(("region matching: global 1 -> global 2", panels.matching))
+        if panels.pca_overlay is not None:
+            cells.append((f"PCA of the {panels.grid[0]}x{panels.grid[1]} region features", panels.pca_overlay))
+        table.append(cells)
+    if not table or not table[0]:
+        raise ValueError("nothing to summarise: no image, or no figure could be drawn.")
+    headers = [title for title, _ in table[0]]
+    widths = [max(cells[i][1].width for cells in table) for i in range(len(headers))]
+    heights = [max(p.height for _, p in cells) for cells in table]
+    gap, line_height = 2 * _GAP, 18
+    header_lines = [_wrap(title, header_font, width) for title, width in zip(headers, widths)]
+    strip = 6 + line_height * max(len(lines) for lines in header_lines)
+    canvas = Image.new(
+        "RGB", (sum(widths) + gap * (len(widths) + 1), strip + sum(heights) + gap * len(heights)), _BACKGROUND
+    )
+    draw = ImageDraw.Draw(canvas)
+    x = gap
+    for lines, width in zip(header_lines, widths):
+        for j, line in enumerate(lines):
+            left, _, right, _ = draw.textbbox((0, 0), line, font=header_font)
+            draw.text((x + (width - (right - left)) // 2, 3 + j * line_height), line, fill=_TEXT, font=header_font)
+        x += width + gap
+    y = strip
+    for cells, height in zip(table, heights):
+        x = gap
+        for (_, panel), width in zip(cells, widths):
+            canvas.paste(panel, (x + (width - panel.width) // 2, y + (height - panel.height) // 2))
+            x += width + gap
+        y += height + gap
+    return canvas
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -645,8 +795,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_local_crops", type=int)
     parser.add_argument("--local_crops_scale", type=float, nargs=2)
     parser.add_argument("--blur_probs", type=float, nargs=3)
-    parser.add_argument("--combined", help="Also write every figure of every image into this one PNG.")
-    parser.add_argument("--combined_columns", type=int, help="Images per row of --combined (default: all).")
+    parser.add_argument(
+        "--summary", help="Also write one PNG of all images: a row per image (crops, attention, matching, PCA)."
+    )
     parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     parser.add_argument("--revision")
     args = parser.parse_args(argv)
@@ -681,9 +832,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
     )
     os.makedirs(args.output_dir, exist_ok=True)
     written: dict[str, list[str]] = {}
-    per_image = []
+    rows = []
     for i, (name, image) in enumerate(load_images(args)):
-        figures = visualize_image(
+        panels = draw_image(
             model,
             image,
             augmentation,
@@ -692,17 +843,17 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
             image_size=args.image_size,
             panel_size=args.panel_size,
         )
-        per_image.append((name, figures))
-        for kind, array in figures.items():
+        rows.append(panels)
+        for kind, array in figures_of(panels).items():
             path = os.path.join(args.output_dir, f"{name}_{kind}.png")
             Image.fromarray(array).save(path, optimize=True)
             written.setdefault(name, []).append(path)
-    if args.combined:
-        Path(args.combined).parent.mkdir(parents=True, exist_ok=True)
-        combine_figures(per_image, args.combined_columns).save(args.combined, optimize=True)
-        written["combined"] = [args.combined]
-    count = sum(len(v) for k, v in written.items() if k != "combined")
-    logger.info("wrote %d figures of %d images to %s", count, len(per_image), args.output_dir)
+    count = sum(len(v) for v in written.values())
+    if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        summary_figure(rows).save(args.summary, optimize=True)
+        written["summary"] = [args.summary]
+    logger.info("wrote %d figures of %d images to %s", count, len(rows), args.output_dir)
     return written
 
 
