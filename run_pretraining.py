@@ -257,6 +257,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
                 position.skipped_images += batch["num_skipped"]
                 _check_bad_fraction(position, batch, data_args.max_bad_fraction)
                 if not batch["crops"]:  # every image of the batch failed to decode: take the next one
+                    window.add_skipped(batch["num_skipped"])
                     continue
                 crops = batch["crops"]
                 position.images_seen += crops[0].shape[0]

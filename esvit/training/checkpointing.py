@@ -186,7 +186,7 @@ def save_checkpoint(
             (folder / STATE_FILE).write_text(json.dumps(asdict(state)))
         (folder / POSITION_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(asdict(position)))
         failed = torch.zeros((), device=accelerator.device)
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError on a full disk, ...
         logger.error("Writing %s failed on process %d: %s", folder, accelerator.process_index, err)
         failed = torch.ones((), device=accelerator.device)
         error = err

@@ -52,6 +52,10 @@ class MetricWindow:
         extra = torch.stack([finite.float(), zero + out.num_images, zero + num_skipped_images, zero + out.skipped])
         self.sums[len(self.NAMES) :] += extra
 
+    def add_skipped(self, num_skipped_images: int) -> None:
+        """Count the images of a batch that was dropped whole (none of its images decoded)."""
+        self.sums[len(self.NAMES) + 2] += num_skipped_images
+
     def reduce(self, accelerator) -> dict[str, float]:
         """Means over processes and micro-batches, plus `images`, `skipped_images`, `nonfinite_steps`."""
         total = accelerator.reduce(self.sums.clone(), reduction="sum").tolist()
