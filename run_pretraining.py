@@ -85,8 +85,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         dynamo_backend="inductor" if args.torch_compile else None,
         kwargs_handlers=[
-            # View-only training leaves the region head out of the loss; DDP must then look for it.
-            DistributedDataParallelKwargs(find_unused_parameters=not model_args.use_region_loss),
+            # View-only training freezes the region head, so every trainable parameter gets a gradient.
+            DistributedDataParallelKwargs(find_unused_parameters=False),
             InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
         ],
     )
@@ -140,6 +140,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
             student = EsViTForPreTraining(config)
         if model_args.gradient_checkpointing:
             student.gradient_checkpointing_enable()
+        if not model_args.use_region_loss:  # DINO's view task: the region head is neither run nor trained
+            student.head_dense.requires_grad_(False)
         teacher_config = copy.deepcopy(config)
         teacher_config.drop_path_rate = 0.0
         teacher = EsViTForPreTraining(teacher_config)

@@ -126,19 +126,39 @@ def evaluate(train: dict, test: dict, train_y, test_y, args) -> dict:
     }
 
 
-def recipe_config(path: Path) -> EsViTConfig:
-    """The architecture a recipe file trains (for the random-weights row)."""
+def recipe_values(args) -> dict:
+    """The argument values the pretraining rows train with: the named recipe (`--recipe`) or the
+    recipe file (`--recipe_config`, which may itself select a named recipe), then `--extra_args`
+    (only `--model_preset` and `--config_overrides` matter here: they fix the architecture)."""
+    import shlex
+
     import yaml
 
-    recipe = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
-    if recipe.get("recipe"):  # a file that selects a named recipe (and may override some values)
-        from esvit.training.recipes import get_recipe
+    from esvit.training.arguments import parse_overrides
+    from esvit.training.recipes import get_recipe
 
-        recipe = {**get_recipe(recipe["recipe"]), **recipe}
-    overrides = recipe.get("config_overrides") or {}
-    if isinstance(overrides, str):
-        overrides = json.loads(overrides)
-    return EsViTConfig.from_preset(recipe.get("model_preset", "swin-tiny-w7"), **overrides)
+    if args.recipe:
+        recipe = get_recipe(args.recipe)
+    else:
+        path = args.recipe_config
+        recipe = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+        if recipe.get("recipe"):  # a file that selects a named recipe (and may override some values)
+            recipe = {**get_recipe(recipe["recipe"]), **recipe}
+    overrides = dict(parse_overrides(recipe.get("config_overrides")) or {})
+    extra = shlex.split(args.extra_args or "")
+    for flag, value in zip(extra, extra[1:]):
+        if flag == "--model_preset":
+            recipe["model_preset"] = value
+        elif flag == "--config_overrides":
+            overrides.update(parse_overrides(value) or {})
+    recipe["config_overrides"] = overrides
+    return recipe
+
+
+def recipe_config(args) -> EsViTConfig:
+    """The architecture the pretraining rows train (for the random-weights row)."""
+    recipe = recipe_values(args)
+    return EsViTConfig.from_preset(recipe.get("model_preset", "swin-tiny-w7"), **recipe["config_overrides"])
 
 
 def pretrain(row: str, args) -> dict:
@@ -148,11 +168,13 @@ def pretrain(row: str, args) -> dict:
     if args.reuse and summary_file.is_file():
         print(f"[{row}] reusing {out}", flush=True)
         return json.loads(summary_file.read_text()) | {"reused": True}
+    import shlex
+
+    source = ["--recipe", args.recipe] if args.recipe else ["--config", str(args.recipe_config)]
     command = [
         sys.executable,
         str(REPO / "run_pretraining.py"),
-        "--config",
-        str(args.recipe_config),
+        *source,
         "--dataset_from_disk",
         args.dataset_path,
         "--output_dir",
@@ -165,6 +187,9 @@ def pretrain(row: str, args) -> dict:
     ]
     if args.max_train_steps:
         command += ["--max_train_steps", str(args.max_train_steps)]
+    if args.monitor:  # the run's own k-NN monitor on 2000 test images: random weights vs trained
+        command += ["--eval_dataset_name", args.dataset_path, "--eval_max_samples", "2000"]
+    command += shlex.split(args.extra_args or "")
     out.mkdir(parents=True, exist_ok=True)
     print(f"[{row}] {' '.join(command)}  (log: {out / 'pretrain.log'})", flush=True)
     start = time.perf_counter()
@@ -187,12 +212,37 @@ def markdown_table(results: dict, machine: str) -> str:
                 f"{p['global_step']} steps x {p['global_batch_size']} img, "
                 f"{p['steps_per_second']:.2f} steps/s, final loss {p['final_metrics'].get('loss', float('nan')):.3f}"
             )
+            if p.get("knn_top1_initial") is not None:  # the run's own monitor (2000 test images)
+                train += f"; monitor k-NN {p['knn_top1_initial']:.2f} -> {p['knn_top1_final']:.2f}"
             wall = f"{p.get('wall_seconds', p['train_seconds']) / 60:.1f} min + {r['eval_seconds'] / 60:.1f} min"
         else:
             train, wall = "none", f"{r['eval_seconds'] / 60:.1f} min (eval)"
         lines.append(f"| {TITLES[row]} | {r['knn_top1']:.2f}% | {r['linear_top1']:.2f}% | {train} | {wall} |")
     lines.append("")
     lines.append(f"Machine: {machine}.")
+    return "\n".join(lines)
+
+
+def levers_table(path: Path) -> str:
+    """Markdown table of the experiments of benchmarks/small_images_levers.py (JSON lines)."""
+    lines = [
+        "| suite | experiment | lever (run_pretraining.py arguments) | k-NN before -> after | images | wall | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        before, after = r.get("knn_before"), r.get("knn_after")
+        if before is None or after is None:
+            knn = f"{before} -> not measured" if before is not None else "not measured"
+        else:
+            knn = f"{before:.2f} -> {after:.2f} ({after - before:+.2f})"
+        wall = f"{r['wall_seconds'] / 60:.1f} min" if r.get("wall_seconds") else "-"
+        note = r.get("note", r.get("error", ""))
+        lines.append(
+            f"| {r.get('suite', '')} | {r['name']} | `{r['lever']}` | {knn} | {r.get('images_seen', '-')} | {wall} | {note} |"
+        )
     return "\n".join(lines)
 
 
@@ -204,6 +254,19 @@ def main() -> None:
         help="save_to_disk folder of benchmarks/prepare_fashion_mnist.py (made if missing)",
     )
     parser.add_argument("--recipe_config", type=Path, default=REPO / "benchmarks/recipes/fashion-mnist-cpu.yaml")
+    parser.add_argument("--recipe", default=None, help="a named recipe instead of --recipe_config")
+    parser.add_argument(
+        "--extra_args",
+        default="",
+        help="more run_pretraining.py arguments for both pretraining rows (a lever), e.g. '--num_local_crops 0'",
+    )
+    parser.add_argument("--monitor", action="store_true", help="also run the pretraining k-NN monitor")
+    parser.add_argument(
+        "--levers_log",
+        type=Path,
+        default=None,
+        help="JSON lines of benchmarks/small_images_levers.py whose experiments are tabled below the result",
+    )
     parser.add_argument("--work_dir", default="/tmp/esvit_fashion_mnist_quality", help="pretraining outputs")
     parser.add_argument("--results_dir", type=Path, default=REPO / "benchmarks/results")
     parser.add_argument("--name", default="fashion_mnist_cpu", help="results file stem")
@@ -255,7 +318,7 @@ def main() -> None:
         else:
             if row == "random":
                 torch.manual_seed(args.seed)
-                model = EsViTModel(recipe_config(args.recipe_config))
+                model = EsViTModel(recipe_config(args))
             else:
                 pretraining = pretrain(row, args)
                 model = EsViTModel.from_pretrained(pretraining["model_dir"])
@@ -288,12 +351,18 @@ def main() -> None:
         f"train {len(train_y)} / test {len(test_y)} images; command: "
         f"`python benchmarks/fashion_mnist_quality.py {' '.join(sys.argv[1:])}`.\n\n"
     )
+    if args.levers_log:
+        table += "\n\n## Levers (k-NN monitor of each run, random weights -> trained)\n\n" + levers_table(
+            args.levers_log
+        )
     (args.results_dir / f"{args.name}.md").write_text(header + table + "\n")
     (args.results_dir / f"{args.name}.json").write_text(
         json.dumps(
             {
                 "machine": machine,
                 "recipe_config": str(args.recipe_config),
+                "recipe": args.recipe,
+                "extra_args": args.extra_args,
                 "num_train": len(train_y),
                 "num_test": len(test_y),
                 "argv": sys.argv[1:],

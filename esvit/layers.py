@@ -221,7 +221,9 @@ def attend(
             attn = F.dropout(attn, p=dropout_p)
         return attn @ v, probs
     if bias is not None:
-        bias = bias.to(q.dtype)
+        # A bias of q's rank (leading 1s, a view) lets SDPA pick a fused kernel; a lower-rank one
+        # sends it to the math path. Same values either way.
+        bias = bias.to(q.dtype).reshape((1,) * (q.ndim - bias.ndim) + tuple(bias.shape))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     return out, None
 

@@ -340,7 +340,11 @@ class EsViTForPreTraining(EsViTPreTrainedModel):
         self.head_dense = DINOHead(**head_kwargs)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor | list[torch.Tensor], **kwargs) -> EsViTPreTrainingOutput:
+    def forward(
+        self, pixel_values: torch.Tensor | list[torch.Tensor], compute_region: bool = True, **kwargs
+    ) -> EsViTPreTrainingOutput:
+        """`compute_region=False` skips the region head (DINO's view-only training needs none):
+        `region_logits` is then None."""
         crops = [pixel_values] if isinstance(pixel_values, torch.Tensor) else list(pixel_values)
         if not crops:
             raise ValueError("EsViTForPreTraining needs at least one crop.")
@@ -350,6 +354,10 @@ class EsViTForPreTraining(EsViTPreTrainedModel):
             pooled.append(out.pooler_output)  # [G*B, C]
             regions.extend(out.last_hidden_state.chunk(len(group)))  # G x [B, L, C]
         pooled = torch.cat(pooled)  # [n_crops*B, C]
+        if not compute_region:
+            return EsViTPreTrainingOutput(
+                view_logits=self.head(pooled), region_logits=None, region_features=tuple(regions), pooler_output=pooled
+            )
         # One head call over every region row of every crop keeps BatchNorm heads' statistics equal
         # to the original's (it, too, runs head_dense once on the concatenated rows).
         rows = torch.cat([r.flatten(0, 1) for r in regions])  # [sum_c B*L_c, C]

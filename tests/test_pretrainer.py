@@ -148,6 +148,6 @@ def test_a_nonfinite_step_is_skipped_whole_and_too_many_stop_the_run(monkeypatch
     for key, value in teacher.state_dict().items():
         torch.testing.assert_close(value, teacher_before[key], rtol=0, atol=0, msg=key)
     torch.testing.assert_close(pretrainer.loss_fn.view_center, center_before, rtol=0, atol=0)
-    assert pretrainer.nonfinite_steps == 1 and pretrainer.first_bad_step == 1
-    with pytest.raises(NonFiniteLossError, match="first at step 1"):
+    assert pretrainer.nonfinite_steps == 1 and pretrainer.first_bad_step == 2  # the 2nd optimizer step
+    with pytest.raises(NonFiniteLossError, match="first at step 2"):
         pretrainer.train_step(_crops(2), 2)

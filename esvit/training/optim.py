@@ -91,8 +91,10 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
         raise ValueError(
             f"student and teacher parameters differ (unwrap the student from DDP/accelerate first); e.g. {missing}"
         )
-    teacher_tensors = [p for _, p in teacher_items]
-    student_tensors = [student_params[n].detach() for n, _ in teacher_items]
+    # Frozen student parameters (the region head of a view-only run) never change: skip them.
+    moving = [(p, student_params[n]) for n, p in teacher_items if student_params[n].requires_grad]
+    teacher_tensors = [t for t, _ in moving]
+    student_tensors = [s.detach() for _, s in moving]
     torch._foreach_mul_(teacher_tensors, momentum)
     torch._foreach_add_(teacher_tensors, student_tensors, alpha=1.0 - momentum)
 

@@ -107,7 +107,7 @@ class EsViTPretrainer:
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.nonfinite_steps = 0  # skipped optimizer steps, this process's run so far
         self.consecutive_nonfinite = 0
-        self.first_bad_step: int | None = None
+        self.first_bad_step: int | None = None  # 1-based, like the logged step numbers
         self._finite: torch.Tensor | None = None  # all micro-batch losses of this step finite
         self._last_step_ok = True
 
@@ -121,9 +121,10 @@ class EsViTPretrainer:
         """
         accelerator, schedules = self.accelerator, self.plan.schedules
         with accelerator.accumulate(self.student):
+            region = self.loss_fn.use_region_loss  # view-only (DINO) training runs no region head
             with torch.no_grad(), accelerator.autocast():
-                teacher_out = self.teacher_forward(crops[:2])  # the teacher sees the global crops
-            student_out = self.student(crops)
+                teacher_out = self.teacher_forward(crops[:2], compute_region=region)  # the global crops
+            student_out = self.student(crops, compute_region=region)
             # the centres move in update_teacher, once per optimizer step (and not at all if it is skipped)
             out = self.loss_fn(
                 student_out, teacher_out, teacher_temp=float(schedules.teacher_temp[step]), update_centers=False
@@ -171,11 +172,11 @@ class EsViTPretrainer:
         self.nonfinite_steps += 1
         self.consecutive_nonfinite += 1
         if self.consecutive_nonfinite == 1:
-            self.first_bad_step = step
+            self.first_bad_step = step + 1  # counted from 1, as the progress bar and step_N checkpoints
         logger.warning(
             "Step %d has a non-finite loss or gradient: skipped (no update of student, teacher or centres; "
             "%d skipped in a row).",
-            step,
+            step + 1,
             self.consecutive_nonfinite,
         )
         if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
