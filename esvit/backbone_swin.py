@@ -202,6 +202,10 @@ class SwinBlock(GradientCheckpointingLayer):
         self.shift_mask_cache: dict[tuple, torch.Tensor] = {}
 
     def shift_mask(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Inside a compiled graph the mask is a constant of the static shapes; a cache lookup would
+            # put a guard on the (growing) dict and recompile the whole backbone on the next step.
+            return shift_window_mask(height, width, self.window_size, self.shift_size, device=device, dtype=dtype)
         key = (height, width, device, dtype)
         mask = self.shift_mask_cache.get(key)
         if mask is None:

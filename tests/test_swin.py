@@ -307,3 +307,24 @@ def test_save_and_reload_rebuilds_derived_buffers(tmp_path):
     pixels = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixels).last_hidden_state, model(pixels).last_hidden_state)
+
+
+def test_compiled_backbone_compiles_once_per_resolution():
+    """The lazily filled shift-mask cache must not force a recompile on the second step."""
+    from esvit.modeling_esvit import EsViTModel
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = EsViTModel(tiny_config("swin", image_size=64, window_size=4)).eval()
+    compiled = torch.compile(model, backend=counting_backend, dynamic=False)
+    with torch.no_grad():
+        for _ in range(3):  # three steps, two crop resolutions each
+            for size in (64, 32):
+                compiled(torch.randn(2, 3, size, size))
+    assert len(graphs) == 2, f"{len(graphs)} graphs compiled for 2 resolutions"
+    torch._dynamo.reset()
