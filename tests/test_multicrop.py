@@ -80,9 +80,7 @@ def test_blur_probabilities_apply_per_crop_kind():
 
 
 def test_greyscale_input_becomes_three_channels_and_bad_arguments_fail():
-    aug = MultiCropAugmentation(
-        global_crop_size=16, local_crop_size=8, num_local_crops=1, blur_probs=(0.0, 0.0, 0.0)
-    )
+    aug = MultiCropAugmentation(global_crop_size=16, local_crop_size=8, num_local_crops=1, blur_probs=(0.0, 0.0, 0.0))
     crops = aug(Image.new("L", (28, 28), 90), seed=0)
     assert all(c.shape[0] == 3 for c in crops)
     with pytest.raises(TypeError, match="PIL image"):

@@ -18,9 +18,16 @@ mean over all pairs (2 * (n_crops - 1) of them for 2 global crops). Without the 
 
 Memory: the direct implementation gathers, per pair, a `[B, T_s, K]` copy of the teacher
 distribution and keeps it (and a log-softmax of the same size) for the backward pass; with the
-released `K = 65536` that is gigabytes per step. `matched_region_cross_entropy` computes the same
-numbers over chunks of student tokens and re-gathers the teacher rows in the backward pass, so it
+released `K = 65536` that is gigabytes per step. `summed_cross_entropy` computes the same
+numbers over chunks of student rows and re-gathers the teacher rows in the backward pass, so it
 keeps nothing per pair beyond the inputs and an index vector.
+
+Work: the pairs of one student view share its log-softmax, since
+`sum_i CE(t_i, s_v) = -sum_k (sum_i t_i)_k log_softmax(s_v)_k`; the loss sums the (matched)
+targets of all teacher views of a student view and runs one cross-entropy per student view, for
+the view and the region term alike. A local crop pairs with both global crops, so with 2 + 8
+crops this touches 170 instead of 242 student region rows per image (49 / 9 tokens), and a local
+crop's gradient is written once instead of being accumulated from two pairs.
 """
 
 from __future__ import annotations
@@ -35,9 +42,14 @@ from torch import nn
 from .centering import PendingCenterUpdate, apply_center_update, teacher_statistics
 from .targets import TEACHER_TARGETS, compute_dtype
 
-# Elements of one `[rows, K]` float32 temporary in the chunked region loss (64 MiB). With
-# K = 65536 that is 256 student tokens per chunk.
+# Elements of one `[rows, K]` float32 work buffer of the chunked cross-entropy (64 MiB; with
+# K = 65536, 256 student tokens per chunk): few, large kernels on an accelerator.
 DEFAULT_CHUNK_NUMEL = 1 << 24
+# On CPU, 4 MiB (16 rows at K = 65536): the chunk's buffers then stay in cache, and temporaries
+# (here: of the teacher targets) stay below glibc's mmap threshold, above which each one is mapped
+# afresh and page-faulted on every use. One thread, B = 4, 2 + 8 crops, K = 65536: the loss's
+# forward + backward took 0.34 s instead of 0.62 s with 256-row chunks.
+CPU_CHUNK_NUMEL = 1 << 20
 
 #: File of a saved pretraining folder that holds the loss state (the two centres), safetensors.
 LOSS_STATE_FILE = "esvit_loss.safetensors"
@@ -74,77 +86,146 @@ class EsViTLossOutput:
     num_pairs: int
 
 
-class _MatchedRegionCrossEntropy(torch.autograd.Function):
-    """Per-token `sum_k -t[m(a), k] * log_softmax(s[a] / tau)_k`, chunked over student tokens.
+def _scaled_into(out: torch.Tensor, logits: torch.Tensor, temp: float) -> torch.Tensor:
+    """`out <- logits / temp` in `out`'s dtype; half-precision logits are upcast before dividing."""
+    if logits.dtype == out.dtype:
+        return torch.div(logits, temp, out=out)
+    return out.copy_(logits).div_(temp)
 
-    Inputs: student logits `[N_s, K]`, teacher probabilities `[N_t, K]` (no gradient), match index
-    `[N_s]` (rows of the teacher tensor). Only these three tensors are saved for backward; the
-    gradient `(softmax(s / tau) * sum(t) - t) / tau` is rebuilt chunk by chunk.
+
+def _rows(buffer: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    return None if buffer is None else buffer[:rows]
+
+
+def _summed_targets_into(
+    out: torch.Tensor, spare: torch.Tensor | None, targets: tuple[torch.Tensor, ...], start: int, stop: int
+) -> torch.Tensor:
+    """`out <- sum_j probs_j[index_j[start:stop]]` for `targets = (probs_0, index_0, probs_1, ...)`;
+    `spare` (same shape as `out`) receives the rows of the second and later targets."""
+    torch.index_select(targets[0], 0, targets[1][start:stop], out=out)
+    for j in range(2, len(targets), 2):
+        out.add_(torch.index_select(targets[j], 0, targets[j + 1][start:stop], out=spare))
+    return out
+
+
+class _SummedCrossEntropy(torch.autograd.Function):
+    """Per student row `a`: `sum_j sum_k -t_j[m_j(a), k] * log_softmax(s[a] / tau)_k`, chunked over rows.
+
+    `sum_j CE(t_j, s) = -sum_k (sum_j t_j)_k log_softmax(s)_k`: one log-softmax per student row
+    for all of its targets. Inputs: student logits `[N_s, K]`, then per target its probabilities
+    `[N_j, K]` (no gradient) and its row index `[N_s]`. Only these tensors are saved for the
+    backward, where the gradient `(softmax(s / tau) * sum_k T_k - T) / tau` (`T = sum_j t_j[m_j]`)
+    is rebuilt chunk by chunk. A few `[chunk, K]` work buffers are reused over the chunks and the
+    gradient is written in place, so no other `[*, K]` temporary is allocated.
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_probs, match_index, student_temp, chunk_rows):
-        num_rows = student_logits.shape[0]
+    def forward(ctx, student_logits, student_temp, chunk_rows, *targets):
+        num_rows, dim = student_logits.shape
         dtype = compute_dtype(student_logits)
         out = torch.empty(num_rows, dtype=dtype, device=student_logits.device)  # [N_s]
+        rows = min(chunk_rows, num_rows)
+        work = torch.empty(rows, dim, dtype=dtype, device=student_logits.device)
+        log_probs = torch.empty_like(work)
+        spare = torch.empty_like(work) if len(targets) > 2 else None
         for start in range(0, num_rows, chunk_rows):
             stop = min(start + chunk_rows, num_rows)
-            scaled = student_logits[start:stop].to(dtype) / student_temp  # [c, K]
-            target = teacher_probs.index_select(0, match_index[start:stop])  # [c, K]
-            out[start:stop] = torch.sum(-target * F.log_softmax(scaled, dim=-1), dim=-1)
-        ctx.save_for_backward(student_logits, teacher_probs, match_index)
+            buf = work[: stop - start]
+            scaled = _scaled_into(buf, student_logits[start:stop], student_temp)  # [c, K]
+            log_p = torch.log_softmax(scaled, dim=-1, out=log_probs[: stop - start])
+            target = _summed_targets_into(buf, _rows(spare, stop - start), targets, start, stop)  # overwrites `scaled`
+            out[start:stop] = target.mul_(log_p).sum(dim=-1).neg_()
+        ctx.save_for_backward(student_logits, *targets)
         ctx.student_temp = student_temp
         ctx.chunk_rows = chunk_rows
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        student_logits, teacher_probs, match_index = ctx.saved_tensors
+        student_logits, *targets = ctx.saved_tensors
         temp, chunk_rows = ctx.student_temp, ctx.chunk_rows
-        grad = torch.empty_like(student_logits)  # [N_s, K]
+        num_rows, dim = student_logits.shape
         dtype = compute_dtype(student_logits)
-        for start in range(0, student_logits.shape[0], chunk_rows):
-            stop = min(start + chunk_rows, student_logits.shape[0])
-            scaled = student_logits[start:stop].to(dtype) / temp
-            target = teacher_probs.index_select(0, match_index[start:stop])
-            chunk = torch.softmax(scaled, dim=-1) * target.sum(dim=-1, keepdim=True) - target
+        grad = torch.empty_like(student_logits)  # [N_s, K]
+        in_place = grad.dtype == dtype  # else softmax into a work buffer, then cast into `grad`
+        rows = min(chunk_rows, num_rows)
+        work = torch.empty(rows, dim, dtype=dtype, device=student_logits.device)
+        probs_buf = None if in_place else torch.empty_like(work)
+        spare = torch.empty_like(work) if len(targets) > 2 else None
+        for start in range(0, num_rows, chunk_rows):
+            stop = min(start + chunk_rows, num_rows)
+            buf = work[: stop - start]
+            scaled = _scaled_into(buf, student_logits[start:stop], temp)
+            chunk = grad[start:stop] if in_place else probs_buf[: stop - start]
+            torch.softmax(scaled, dim=-1, out=chunk)
+            target = _summed_targets_into(buf, _rows(spare, stop - start), targets, start, stop)
+            chunk.mul_(target.sum(dim=-1, keepdim=True)).sub_(target)
             chunk.mul_((grad_out[start:stop].to(dtype) / temp).unsqueeze(-1))
-            grad[start:stop] = chunk.to(grad.dtype)
-        return grad, None, None, None, None
+            if not in_place:
+                grad[start:stop] = chunk
+        return grad, None, None, *([None] * len(targets))
+
+
+def summed_cross_entropy(
+    student_logits: torch.Tensor,
+    targets: list[tuple[torch.Tensor, torch.Tensor]],
+    student_temp: float,
+    chunk_rows: int,
+) -> torch.Tensor:
+    """`sum_j CE(probs_j[index_j[a]], student_logits[a] / student_temp)` for every row `a`.
+
+    Args:
+        student_logits: `[N, K]` raw head outputs (differentiable).
+        targets: `(probs [M_j, K], index [N] int64)` pairs: row `a` is trained towards
+            `probs_j[index_j[a]]` for every `j` (probabilities without gradient).
+        student_temp: student softmax temperature.
+        chunk_rows: rows processed at once (memory and speed only, never values).
+
+    Returns:
+        `[N]` float32 (float64 for float64 logits) summed cross-entropies.
+    """
+    flat: list[torch.Tensor] = []
+    for probs, index in targets:
+        if probs.requires_grad:
+            raise ValueError("target probabilities must not require grad: the teacher is not trained by the loss")
+        flat += [probs, index]
+    return _SummedCrossEntropy.apply(student_logits, float(student_temp), max(1, int(chunk_rows)), *flat)
+
+
+def _flat_matches(teacher_probs: torch.Tensor, match_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, T_t, K]` probabilities and `[B, T_s]` per-image indices -> `[B*T_t, K]` and `[B*T_s]` row indices."""
+    batch, teacher_tokens = teacher_probs.shape[:2]
+    offsets = torch.arange(batch, device=match_index.device).unsqueeze(1) * teacher_tokens  # [B, 1]
+    return teacher_probs.reshape(batch * teacher_tokens, -1), (match_index + offsets).reshape(-1)
 
 
 def matched_region_cross_entropy(
     student_logits: torch.Tensor,
-    teacher_probs: torch.Tensor,
-    match_index: torch.Tensor,
+    teacher_probs: torch.Tensor | list[torch.Tensor],
+    match_index: torch.Tensor | list[torch.Tensor],
     student_temp: float,
     chunk_rows: int,
 ) -> torch.Tensor:
-    """Cross-entropy of each student region token against its matched teacher token.
+    """Cross-entropy of each student region token against its matched teacher token(s).
 
     Args:
         student_logits: `[B, T_s, K]` raw region-head outputs of one student view.
-        teacher_probs: `[B, T_t, K]` centred, sharpened teacher probabilities (no gradient).
-        match_index: `[B, T_s]` int64, for each student token the index of its teacher token.
+        teacher_probs: `[B, T_t, K]` centred, sharpened teacher probabilities (no gradient), or a
+            list of them, one per teacher view.
+        match_index: `[B, T_s]` int64, for each student token the index of its teacher token (a
+            list, one per entry of `teacher_probs`, when that is a list).
         student_temp: student softmax temperature.
         chunk_rows: student tokens (over all images) processed at once.
 
     Returns:
-        `[B, T_s]` float32 per-token cross-entropy; differentiable w.r.t. `student_logits`.
+        `[B, T_s]` float32 per-token cross-entropy, summed over the teacher views when several
+        are given (one student log-softmax for all of them); differentiable w.r.t. `student_logits`.
     """
-    if teacher_probs.requires_grad:
-        raise ValueError("teacher_probs must not require grad: the teacher is not trained by the loss")
+    if isinstance(teacher_probs, torch.Tensor):
+        teacher_probs, match_index = [teacher_probs], [match_index]
     batch, student_tokens, dim = student_logits.shape
-    teacher_tokens = teacher_probs.shape[1]
-    offsets = torch.arange(batch, device=match_index.device).unsqueeze(1) * teacher_tokens  # [B, 1]
-    flat_index = (match_index + offsets).reshape(-1)  # [B * T_s]
-    per_token = _MatchedRegionCrossEntropy.apply(
-        student_logits.reshape(-1, dim),
-        teacher_probs.reshape(-1, dim),
-        flat_index,
-        float(student_temp),
-        max(1, int(chunk_rows)),
-    )
+    targets = [_flat_matches(probs, index) for probs, index in zip(teacher_probs, match_index)]
+    per_token = summed_cross_entropy(student_logits.reshape(-1, dim), targets, student_temp, chunk_rows)
     return per_token.view(batch, student_tokens)
 
 
@@ -163,8 +244,9 @@ class EsViTLoss(nn.Module):
         view_weight / region_weight: weights of the two terms when the region task is on
             (0.5 / 0.5 as in EsViT). Without it the view term has weight 1, as in DINO.
         use_region_loss: add the region-matching task (EsViT); False gives DINO's loss.
-        region_chunk_size: student region tokens (over all images) per chunk of the region loss;
-            None picks `DEFAULT_CHUNK_NUMEL // out_dim`. It changes memory and speed, never values.
+        region_chunk_size: student rows (region tokens over all images) per chunk of the
+            cross-entropy; None picks `DEFAULT_CHUNK_NUMEL // out_dim` (`CPU_CHUNK_NUMEL // out_dim`
+            on CPU), on the device of the loss's centres. It changes memory and speed, never values.
         teacher_normalization: how teacher logits become targets, a key of
             `targets.TEACHER_TARGETS`: "centering" (DINO / EsViT, the default) or
             "sinkhorn_knopp" (SwAV / DINOv2). The centres are kept up to date either way.
@@ -208,13 +290,21 @@ class EsViTLoss(nn.Module):
         self.view_weight = view_weight
         self.region_weight = region_weight
         self.use_region_loss = use_region_loss
-        self.region_chunk_size = region_chunk_size or max(1, DEFAULT_CHUNK_NUMEL // out_dim)
+        self._region_chunk_size = region_chunk_size
         self.teacher_normalization = teacher_normalization
         self._teacher_targets = TEACHER_TARGETS[teacher_normalization]
         self.register_buffer("view_center", torch.zeros(1, out_dim))
         self.register_buffer("region_center", torch.zeros(1, out_dim))
         # Teacher statistics added up over the micro-batches of one optimizer step (see forward).
         self.pending = PendingCenterUpdate()
+
+    @property
+    def region_chunk_size(self) -> int:
+        """Student rows per chunk of the cross-entropy (the argument, or the default for the device)."""
+        if self._region_chunk_size is not None:
+            return self._region_chunk_size
+        numel = CPU_CHUNK_NUMEL if self.view_center.device.type == "cpu" else DEFAULT_CHUNK_NUMEL
+        return max(1, numel // self.out_dim)
 
     def extra_repr(self) -> str:
         return (
@@ -322,9 +412,8 @@ class EsViTLoss(nn.Module):
         t_view_probs, view_entropy = self._teacher_targets(t_view, self.view_center, teacher_temp, t_view.shape[0])
         view_entropy = view_entropy / t_view.shape[0]
         teacher_view = t_view_probs.chunk(self.num_global_crops)  # G x [B, K]
-        s_view = student.view_logits
-        student_view = (s_view.to(compute_dtype(s_view)) / self.student_temp).chunk(num_crops)  # n x [B, K]
-        student_view_log = [F.log_softmax(s, dim=-1) for s in student_view]
+        student_view = student.view_logits.chunk(num_crops)  # n x [B, K]
+        same_row = torch.arange(batch, device=t_view_probs.device)  # view targets: image b <-> image b
 
         teacher_region: list[torch.Tensor] = []
         teacher_feat: list[torch.Tensor] = []
@@ -343,29 +432,35 @@ class EsViTLoss(nn.Module):
             region_entropy = entropy_sum / token_count
             student_feat = [_normalized(f) for f in student.region_features]  # n x [B, T_s, C]
 
+        # Every pair (teacher view i, student view v != i) is a cross-entropy against the student's
+        # log-softmax of view v, so the pairs of one student view share it: summing the teacher
+        # targets first, sum_i CE(t_i, s_v) = CE(sum_i t_i, s_v), gives one log-softmax per student
+        # view (a local crop pairs with every teacher view) instead of one per pair. Per pair,
+        # only the region matching differs; the matched targets are summed token by token.
         total = torch.zeros((), device=t_view_probs.device)
         view_total = torch.zeros((), device=t_view_probs.device)
         region_total = torch.zeros((), device=t_view_probs.device)
         num_pairs = 0
-        for iq, target in enumerate(teacher_view):
-            for v in range(num_crops):
-                if v == iq:  # the student is not asked to predict the teacher's own view
-                    continue
-                view_ce = torch.sum(-target * student_view_log[v], dim=-1)  # [B]
-                if self.use_region_loss:
-                    with torch.no_grad():
-                        similarity = torch.matmul(student_feat[v], teacher_feat[iq].transpose(1, 2))  # [B, T_s, T_t]
-                        match = similarity.max(dim=2)[1]  # [B, T_s]
-                    region_ce = matched_region_cross_entropy(
-                        student.region_logits[v], teacher_region[iq], match, self.student_temp, chunk
-                    ).mean(-1)  # [B]
-                    pair_loss = self.view_weight * view_ce + self.region_weight * region_ce
-                    region_total += region_ce.detach().mean()
-                else:
-                    pair_loss = view_ce
-                total = total + pair_loss.mean()
-                view_total += view_ce.detach().mean()
-                num_pairs += 1
+        for v in range(num_crops):
+            partners = [i for i in range(self.num_global_crops) if i != v]  # not the teacher's own view
+            if not partners:
+                continue
+            view_targets = [(teacher_view[i], same_row) for i in partners]
+            view_ce = summed_cross_entropy(student_view[v], view_targets, self.student_temp, chunk)  # [B]
+            crop_loss = view_ce
+            if self.use_region_loss:
+                with torch.no_grad():  # [B, T_s] index of the most similar teacher token, per partner
+                    matches = [
+                        torch.matmul(student_feat[v], teacher_feat[i].transpose(1, 2)).max(dim=2)[1] for i in partners
+                    ]
+                region_ce = matched_region_cross_entropy(
+                    student.region_logits[v], [teacher_region[i] for i in partners], matches, self.student_temp, chunk
+                ).mean(-1)  # [B]
+                crop_loss = self.view_weight * view_ce + self.region_weight * region_ce
+                region_total += region_ce.detach().mean()
+            total = total + crop_loss.mean()
+            view_total += view_ce.detach().mean()
+            num_pairs += len(partners)
         return EsViTLossOutput(
             loss=total / num_pairs,
             view_loss=view_total / num_pairs,
@@ -400,4 +495,5 @@ __all__ = [
     "EsViTLoss",
     "EsViTLossOutput",
     "matched_region_cross_entropy",
+    "summed_cross_entropy",
 ]

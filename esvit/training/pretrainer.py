@@ -98,7 +98,7 @@ class EsViTPretrainer:
         self.student = student
         self.unwrapped_student = accelerator.unwrap_model(student, keep_torch_compile=False)
         self.teacher = teacher
-        self.teacher_forward = teacher_forward or teacher
+        self.teacher_forward = teacher if teacher_forward is None else teacher_forward
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.plan = plan
