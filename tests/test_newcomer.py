@@ -119,3 +119,68 @@ def test_a_run_reports_what_it_learned_and_refuses_to_overwrite(tmp_path, capsys
     with pytest.raises(FileExistsError, match="finished model"):  # a finished run is never overwritten silently
         script.main(args)
     assert (output / "model" / "config.json").is_file()
+
+
+def test_a_launch_that_started_fewer_processes_says_so(monkeypatch, caplog):
+    import psutil
+
+    from esvit.training.logs import warn_if_fewer_processes_than_launched
+
+    class Parent:
+        def cmdline(self):
+            return ["python", "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "run_pretraining.py"]
+
+    monkeypatch.setattr(psutil.Process, "parent", lambda self: Parent())
+    with caplog.at_level("WARNING"):
+        warn_if_fewer_processes_than_launched(SimpleNamespace(num_processes=1))
+    assert "asked for 2 processes but started 1" in caplog.text and "--multi_gpu" in caplog.text
+
+
+def test_log_lines_go_above_the_progress_bar(monkeypatch):
+    import logging
+
+    from esvit.training import logs
+
+    written = []
+    monkeypatch.setattr(logs.tqdm, "write", lambda text, *a, **k: written.append(text))
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure_logging(is_local_main_process=True)
+        logging.getLogger("esvit.test").info("a line")
+        logging.getLogger("accelerate.checkpointing").info("Model weights saved in ...")  # quieted
+    finally:
+        root.handlers, root.level = saved
+    assert len(written) == 1 and written[0].endswith("esvit.test: a line")
+
+
+def test_push_to_hub_checks_the_repository_before_training(tmp_path, monkeypatch):
+    import esvit.training.hub as hub
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("401: invalid token")
+
+    monkeypatch.setattr(hub, "create_hub_repo", refuse)
+    script = _import_script()
+    output = tmp_path / "run"
+    args = tiny_run_args(EMBEDDED_DATASET, output, max_train_steps="2", record_sample_keys="false")
+    with pytest.raises(PermissionError, match="invalid token"):
+        script.main([*args, "--push_to_hub", "true", "--hub_model_id", "me/esvit-test"])
+    assert not (output / "model").exists() and not (output / "train_summary.json").exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_resuming_with_another_number_of_processes_warns(tmp_path, caplog):
+    script = _import_script()
+    output = tmp_path / "run"
+    args = tiny_run_args(
+        EMBEDDED_DATASET, output, max_train_steps="2", checkpointing_steps="1", record_sample_keys="false"
+    )
+    script.main(args)
+    state_file = sorted((output / "checkpoints").glob("step_*"))[0] / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["num_processes"] = 2  # as if written by a 2-process run
+    state_file.write_text(json.dumps(state))
+    with caplog.at_level("WARNING"):
+        script.main([*args, "--resume_from_checkpoint", str(state_file.parent)])
+    assert "written by 2 processes and is resumed by 1" in caplog.text and "--num_processes" in caplog.text

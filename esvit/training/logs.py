@@ -33,7 +33,9 @@ def configure_logging(is_local_main_process: bool) -> None:
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
-    root.handlers = [handler]
+    # Replace console handlers (ours from an earlier call, basicConfig's); keep others (files, test capture).
+    console = (TqdmHandler, logging.StreamHandler)
+    root.handlers = [h for h in root.handlers if type(h) not in console] + [handler]
     root.setLevel(logging.INFO if is_local_main_process else logging.WARNING)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
