@@ -155,13 +155,11 @@ def test_log_lines_go_above_the_progress_bar(monkeypatch):
 
 
 def test_push_to_hub_checks_the_repository_before_training(tmp_path, monkeypatch):
-    import esvit.training.hub as hub
-
     def refuse(*args, **kwargs):
         raise PermissionError("401: invalid token")
 
-    monkeypatch.setattr(hub, "create_hub_repo", refuse)
     script = _import_script()
+    monkeypatch.setattr(script, "create_hub_repo", refuse)
     output = tmp_path / "run"
     args = tiny_run_args(EMBEDDED_DATASET, output, max_train_steps="2", record_sample_keys="false")
     with pytest.raises(PermissionError, match="invalid token"):

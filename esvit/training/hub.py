@@ -157,6 +157,33 @@ Licence: MIT, as the original EsViT code.
     return ModelCard(content)
 
 
+def card_info(pretrainer, model_args, data_args, args, *, step, steps_per_epoch, final_metrics, totals, knn) -> dict:
+    """What `model_card` describes, from the run's effective values (peak lr after scaling, the
+    real global batch), without local paths."""
+    config, teacher = pretrainer.config, pretrainer.teacher
+    return {
+        "config": config.to_dict(),
+        "region": model_args.use_region_loss,
+        "preset": "continued" if model_args.init_from else model_args.model_preset,
+        "num_parameters": sum(p.numel() for p in teacher.esvit.parameters()),
+        "data": data_args.describe_source(public=True),
+        "datasets": data_args.hub_dataset_ids(),
+        "steps_per_epoch": steps_per_epoch,
+        "global_batch_size": pretrainer.global_batch_size,
+        "num_processes": pretrainer.accelerator.num_processes,
+        "per_device_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "peak_lr": float(pretrainer.plan.schedules.lr.max()),
+        "hyperparameters": tracker_config(model_args, data_args, args),
+        "global_step": step,
+        "final_metrics": final_metrics,
+        "nonfinite_steps": pretrainer.nonfinite_steps,
+        "knn": knn.summary() if knn else None,
+        "model_name": args.hub_model_id,
+        **totals,
+    }
+
+
 def create_hub_repo(repo_id: str, token: str | None, private: bool, api=None) -> str:
     """Create (or find) the Hub repository before training, so that a wrong id or token fails in
     seconds rather than after the run; returns its URL."""
@@ -206,4 +233,4 @@ def tracker_config(*dataclasses_) -> dict:
     return flat
 
 
-__all__ = ["CITATION", "create_hub_repo", "model_card", "push_outputs", "save_teacher", "tracker_config"]
+__all__ = ["CITATION", "card_info", "create_hub_repo", "model_card", "push_outputs", "save_teacher", "tracker_config"]

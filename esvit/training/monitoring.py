@@ -80,8 +80,12 @@ class CollapseMonitor:
         self.patience = patience_steps
         self.run_steps = 0
         self.warned = False
+        self.last_step = 0
 
-    def update(self, entropy: float, steps: int, global_step: int) -> None:
+    def update(self, entropy: float, steps: int | None, global_step: int) -> None:
+        """`steps`: optimizer steps the entropy stands for (None: those since the last update)."""
+        steps = global_step - self.last_step if steps is None else steps
+        self.last_step = global_step
         if self.patience <= 0:
             return
         fraction = entropy / self.log_k

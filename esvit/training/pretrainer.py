@@ -79,6 +79,7 @@ class EsViTPretrainer:
         max_consecutive_nonfinite: bad optimizer steps in a row before the run stops.
         teacher_forward: what to call for the teacher's forward (e.g. `torch.compile(teacher)`);
             the teacher itself by default.
+        global_batch_size: images per optimizer step over all processes (for reports).
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class EsViTPretrainer:
         clip_grad_mode: str = "per_param",
         max_consecutive_nonfinite: int = 20,
         teacher_forward=None,
+        global_batch_size: int | None = None,
     ):
         self.accelerator = accelerator
         self.student = student
@@ -105,6 +107,8 @@ class EsViTPretrainer:
         self.clip_grad = clip_grad
         self.clip_grad_mode = clip_grad_mode
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.global_batch_size = global_batch_size  # images per optimizer step, all processes
+        self.config = self.unwrapped_student.config
         self.nonfinite_steps = 0  # skipped optimizer steps, this process's run so far
         self.consecutive_nonfinite = 0
         self.first_bad_step: int | None = None  # 1-based, like the logged step numbers
