@@ -12,8 +12,12 @@ arXiv:2106.09785). One module per concept:
 * `schedules`: learning rate, weight decay, teacher momentum and temperature per step;
 * `optim`: parameter groups, clipping, last-layer freeze, the EMA teacher update;
 * `pretrainer`: `EsViTPretrainer`, one training step as an object (`train_step`, `update_teacher`);
+* `builders`: the accelerator, the data and the pretrainer built from the arguments;
 * `checkpointing`: resumable checkpoints written and read without unpickling arbitrary objects;
 * `monitoring`: metric windows, the collapse warning, the periodic k-NN monitor;
+* `logs`: console logging above the progress bar, trackers, hardware defaults, the ETA;
+* `pictures`: figures of the teacher in TensorBoard;
+* `targets`: teacher normalisations (centring, Sinkhorn-Knopp);
 * `hub`: saved model folders, model cards and the Hub upload.
 
 Imports here are lazy, so `import esvit.training.loss` does not pull in accelerate or datasets.
