@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from esvit.heads import DINOHead, WeightNormLinear
 from esvit.training.loss import EsViTLoss, matched_region_cross_entropy, summed_cross_entropy
 from esvit.training.targets import TEACHER_TARGETS
+from tests.test_loss import random_outputs
 
 RTOL = 1e-6
 
@@ -36,25 +37,6 @@ def assert_rel_close(got: torch.Tensor, want: torch.Tensor, what: str, seed: int
     scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
     err = ((got - want).abs().max() / scale).item()
     assert err <= RTOL, f"{what}: relative difference {err:.2e} > {RTOL} (seed {seed})"
-
-
-def random_outputs(g, batch, tokens, out_dim, feat_dim, num_global=2):
-    """Student outputs for crops with `tokens[c]` regions each (leaves with gradients), the teacher's."""
-
-    def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g) * scale
-
-    student = SimpleNamespace(
-        view_logits=rand(len(tokens) * batch, out_dim).requires_grad_(),
-        region_logits=tuple(rand(batch, n, out_dim).requires_grad_() for n in tokens),
-        region_features=tuple(rand(batch, n, feat_dim) for n in tokens),
-    )
-    teacher = SimpleNamespace(
-        view_logits=rand(num_global * batch, out_dim),
-        region_logits=tuple(rand(batch, n, out_dim) for n in tokens[:num_global]),
-        region_features=tuple(rand(batch, n, feat_dim) for n in tokens[:num_global]),
-    )
-    return student, teacher
 
 
 def plain_targets(name, logits, center, temp):
@@ -108,7 +90,7 @@ def grads(loss, tensors):
 @pytest.mark.parametrize("targets", ["centering", "sinkhorn_knopp"])
 def test_summed_loss_equals_the_per_pair_loss(seed, tokens, targets):
     g = torch.Generator().manual_seed(seed)
-    student, teacher = random_outputs(g, batch=3, tokens=tokens, out_dim=48, feat_dim=8)
+    student, teacher = random_outputs(batch=3, tokens=tokens, out_dim=48, feat_dim=8, seed=seed)
     loss_fn = EsViTLoss(48, region_chunk_size=int(torch.randint(1, 40, (), generator=g)), teacher_normalization=targets)
     loss_fn.view_center.normal_(generator=g)
     loss_fn.region_center.normal_(generator=g)
@@ -144,7 +126,7 @@ def head_gradients(seed: int, dtype: torch.dtype, fused: bool):
     dense = DINOHead(dim, out_dim, norm_last_layer=False, hidden_dim=24, bottleneck_dim=8).to(dtype)
     pooled = torch.randn(len(tokens) * batch, dim, generator=g, dtype=dtype)
     regions = [torch.randn(batch, n, dim, generator=g, dtype=dtype) for n in tokens]
-    _, teacher = random_outputs(g, batch, tokens, out_dim, dim)
+    _, teacher = random_outputs(batch, tokens, out_dim, dim, seed=seed + 1)
     teacher = SimpleNamespace(
         view_logits=teacher.view_logits.to(dtype),
         region_logits=tuple(r.to(dtype) for r in teacher.region_logits),

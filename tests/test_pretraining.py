@@ -81,17 +81,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_command(args: list[str], processes: int = 1) -> list[str]:
+    """The command line of run_pretraining.py, under a real multi-process CPU `accelerate launch`
+    for several processes (see DESIGN.md: --num_processes N --cpu alone starts one)."""
+    if processes == 1:
+        return [sys.executable, str(SCRIPT), *args]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(SCRIPT), *args, "--cpu",
+    ]  # fmt: skip
+
+
 def run_script(args: list[str], hf_home: Path, processes: int = 1, timeout: int = 240) -> dict:
     """Run run_pretraining.py (under `accelerate launch` for several processes); return its summary."""
-    if processes == 1:
-        command = [sys.executable, str(SCRIPT), *args]
-    else:
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-            str(SCRIPT), *args, "--cpu",
-        ]  # fmt: skip
+    command = launch_command(args, processes)
     result = subprocess.run(command, cwd=REPO_ROOT, env=_env(hf_home), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"run failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     output_dir = Path(args[args.index("--output_dir") + 1])

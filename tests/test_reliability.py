@@ -26,7 +26,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from dataclasses import dataclass, replace
@@ -39,7 +38,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from tests import test_pretraining
-from tests.test_pretraining import SCRIPT, _env, _free_port, _import_script, tiny_run_args
+from tests.test_pretraining import SCRIPT, _env, _import_script, launch_command, tiny_run_args
 
 # The fixtures of tests/test_pretraining.py: a fresh HF_HOME and a 20-image parquet slice.
 hf_home = test_pretraining.hf_home
@@ -70,15 +69,7 @@ class Finished:
 
 def launch(args: list[str], home: Path, log_path: Path, processes: int = 1) -> subprocess.Popen:
     """Start run_pretraining.py (under `accelerate launch` for several processes), output to a file."""
-    if processes == 1:
-        command = [sys.executable, str(SCRIPT), *args]
-    else:  # as tests/test_pretraining.py's run_script, which cannot hand out its process
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-            str(SCRIPT), *args, "--cpu",
-        ]  # fmt: skip
+    command = launch_command(args, processes)
     env = {**_env(home), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
         return subprocess.Popen(command, cwd=SCRIPT.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
