@@ -63,24 +63,10 @@ def _released(preset: str, **changes) -> dict:
 # from `training.data` so that reading a recipe needs no torch / datasets import.
 EMBEDDED_SAMPLE = str(Path(__file__).resolve().parents[1] / "data" / "fashion_mnist_500.parquet")
 
-# A small CvT (convolutional token embeddings and depthwise-convolution q/k/v projections: the
-# inductive bias a tiny attention-only Swin lacks, see DESIGN.md "DINO on a tiny attention-only
-# backbone ... collapses") for 28-px images: 3x3 stride-2 embeddings, 28 px -> 14 -> 7 -> 4 tokens.
-_CVT_28 = {
-    "image_size": 28,
-    "hidden_sizes": [32, 64, 128],
-    "depths": [1, 1, 2],
-    "num_heads": [1, 2, 4],
-    "patch_sizes": [3, 3, 3],
-    "patch_strides": [2, 2, 2],
-    "patch_padding": [1, 1, 1],
-    "window_size": 7,
-    "drop_path_rate": 0.0,
-}
-# The DINO heads of the small recipes: out_dim 256 and BatchNorm in the head MLP (`head_use_bn`,
-# an option of the original DINO head): with it the view task learned on Fashion-MNIST (+5.6
-# k-NN points at 38.4k images) where the LayerNorm-free, BN-free head stayed near uniform.
-_SMALL_HEADS = {"head_hidden_dim": 256, "head_bottleneck_dim": 64, "head_out_dim": 256, "head_use_bn": True}
+# The DINO heads of the small recipes: the micro presets' 256/64/256 heads with BatchNorm in the
+# MLP (`head_use_bn`, an option of the original DINO head): with it the view task learned on
+# Fashion-MNIST (+6.2 k-NN points at 38.4k images) where the BN-free head stayed near uniform.
+_SMALL_HEADS = {"head_use_bn": True}
 
 # Fashion-MNIST (28-px grey images) on one core of a shared 2-core CPU: a 3-stage Swin with 2x2
 # patches (28 px -> 14x14 tokens), 2 x 28-px global crops and no local crops, the BatchNorm head,
@@ -128,9 +114,10 @@ RECIPES: dict[str, dict] = {
     # 14-px local crops cost steps and did not help), view task only (the region task tripled the
     # step time of the CvT on CPU). Measured: benchmarks/results/fashion_mnist_cpu.md.
     "tiny-cpu-default": dict(
-        model_preset="cvt-micro-p2",  # made 4-stage below: a last stride-1 stage at 4 x 4
+        # the small-image CvT (convolutional embeddings and depthwise-conv q/k/v projections: the
+        # inductive bias a tiny attention-only Swin lacks), made 4-stage: a last stride-1 stage at 4 x 4
+        model_preset="cvt-micro-p2",
         config_overrides={
-            **_CVT_28,
             "hidden_sizes": [32, 64, 128, 128],
             "depths": [1, 1, 1, 1],
             "num_heads": [1, 2, 4, 4],
