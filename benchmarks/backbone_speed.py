@@ -16,28 +16,24 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from esvit import EsViTConfig, EsViTModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import inference_throughput  # noqa: E402  (a sibling benchmark script)
+
 
 def timm_swin(config: EsViTConfig) -> torch.nn.Module | None:
+    """timm's Swin of the same shape (`inference_throughput.timm_swin`), or None without timm."""
     try:
-        from timm.models.swin_transformer import SwinTransformer
+        return inference_throughput.timm_swin(config)
     except ImportError:
         return None
-    return SwinTransformer(
-        img_size=config.image_size,
-        patch_size=config.patch_sizes[0],
-        embed_dim=config.hidden_sizes[0],
-        depths=config.depths,
-        num_heads=config.num_heads,
-        window_size=config.window_size,
-        num_classes=0,
-        drop_path_rate=0.0,
-    )
 
 
 def peak_memory_mib(device: torch.device) -> float:
