@@ -21,11 +21,30 @@ parses, builds and loops.
 
 from __future__ import annotations
 
+import os
+import sys
+
+
+def parse_arguments_or_exit(argv: list[str] | None = None):
+    """The three argument dataclasses, or a one-line error (`esvit.training.arguments` imports only
+    the standard library: flag, recipe, file and directory mistakes are found before torch loads)."""
+    from esvit.training.arguments import parse_arguments
+
+    try:
+        return parse_arguments(argv)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"run_pretraining.py: error: {err}") from None
+
+
+if __name__ == "__main__":  # `--help` and argument mistakes answer in about a second, before the imports below
+    os.environ["ESVIT_DEFER_AUTO_REGISTRATION"] = "1"  # `import esvit` without torch until the arguments are valid
+    ARGUMENTS = parse_arguments_or_exit()
+    del os.environ["ESVIT_DEFER_AUTO_REGISTRATION"]
+
 import json
 import math
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -36,8 +55,9 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+import esvit
 from esvit.training import checkpointing as ckpt
-from esvit.training.arguments import DataArguments, ModelArguments, PretrainingArguments, parse_arguments
+from esvit.training.arguments import DataArguments, ModelArguments, PretrainingArguments
 from esvit.training.builders import build_data, build_pretrainer, make_accelerator
 from esvit.training.hub import card_info, create_hub_repo, push_outputs, save_teacher, tracker_config
 from esvit.training.logs import EtaReporter, configure_logging, warn_if_fewer_processes_than_launched
@@ -85,6 +105,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
         final_metrics: dict[str, float] = {}
         seen_keys: list[list[int]] = []
         checkpoint_every = args.checkpoint_interval(data.steps_per_epoch)
+        unused_metrics = [] if model_args.use_region_loss else ["region_loss", "teacher_region_entropy"]
+        unused_metrics += [] if args.koleo_loss_weight else ["koleo_loss"]
         stop_signal = _StopOnSignal()
         logger.info(
             f"{plan.total_steps} optimizer steps of {pretrainer.global_batch_size} images ({accelerator.num_processes} "
@@ -146,7 +168,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
                 if step % args.logging_steps == 0 or done:
                     epoch = position.epoch + position.batches_done / (data.batches_per_epoch or math.inf)
                     final_metrics = _log_window(
-                        window, accelerator, plan, step, epoch, totals, progress, collapse, model_args.use_region_loss
+                        window, accelerator, plan, step, epoch, totals, progress, collapse, unused_metrics
                     )
                 if step % eval_every == 0 or done:
                     evaluate(step)
@@ -235,16 +257,15 @@ def _run_facts(pretrainer, output_dir: Path) -> dict:
     }
 
 
-def _log_window(window, accelerator, plan, step, epoch, totals, progress, collapse, region: bool) -> dict[str, float]:
-    """Reduce the metric window over processes, log it to the trackers and the console; return
-    the loss parts for the summary."""
+def _log_window(window, accelerator, plan, step, epoch, totals, progress, collapse, unused) -> dict[str, float]:
+    """Reduce the metric window over processes, log it to the trackers and the console (without
+    the `unused` metrics of terms this run does not have); return the loss parts for the summary."""
     means = window.reduce(accelerator)
     totals["images_seen"] += means.pop("images")
     totals["skipped_images"] += means.pop("skipped_images")
     metrics = {**means, **plan.schedules.at(step - 1), **totals, "epoch": epoch}
-    if not region:
-        for name in ("region_loss", "teacher_region_entropy"):
-            metrics.pop(name)
+    for name in unused:
+        metrics.pop(name)
     accelerator.log(metrics, step=step)
     collapse.update(means["teacher_entropy"], steps=None, global_step=step)
     progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
@@ -252,7 +273,7 @@ def _log_window(window, accelerator, plan, step, epoch, totals, progress, collap
         f"step {step}/{plan.total_steps} "
         + " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     )
-    return {k: means[k] for k in ("loss", "view_loss", "region_loss") if k in metrics}
+    return {k: means[k] for k in ("loss", "view_loss", "region_loss", "koleo_loss") if k in metrics}
 
 
 class _StopOnSignal:
@@ -326,12 +347,9 @@ def _print_summary(summary: dict, interrupted: bool, checkpoint_root) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    try:
-        arguments = parse_arguments(argv)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"run_pretraining.py: error: {err}") from None
-    return train(*arguments)
+    return train(*parse_arguments_or_exit(argv))
 
 
 if __name__ == "__main__":
-    main()
+    esvit.register_auto_classes()
+    train(*ARGUMENTS)

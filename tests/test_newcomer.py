@@ -4,6 +4,8 @@ a run that says what it learned, and a model card built from the run's effective
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import datasets
@@ -13,6 +15,7 @@ import torch
 from esvit.training.arguments import PretrainingArguments, parse_arguments
 from esvit.training.data import EMBEDDED_DATASET
 from esvit.training.schedules import plan_training
+from tests.reference import REPO_ROOT
 from tests.test_pretraining import _import_script, tiny_run_args
 
 
@@ -25,19 +28,64 @@ from tests.test_pretraining import _import_script, tiny_run_args
         (["--model_preset", "swin-tiy"], "did you mean 'swin-tiny-w7'"),
         (["--recipe", "small-image-cpu"], "did you mean 'small-images-cpu'"),
         (["--checkpointing_steps", "often"], "'epoch'"),
-        (["--train_dir", "/nonexistent/folder", "--recipe", "small-images-cpu"], None),
+        (["--train_dir", "/nonexistent/folder", "--recipe", "small-images-cpu"], "is not a folder"),
+        (["--eval_dir", "/nonexistent/labelled"], "is not a folder"),
+        (["--train_files", "/nonexistent/train.parquet"], "does not exist"),
     ],
 )
-def test_user_errors_are_one_line(argv, message, capsys):
+def test_user_errors_are_one_line(argv, message):
     script = _import_script()
-    if message is None:  # a missing folder is found when the data is loaded: still no traceback wanted
-        with pytest.raises(FileNotFoundError, match="is not a folder"):
-            script.main([*argv, "--output_dir", "/tmp/unused", "--max_train_steps", "1", "--report_to", "none"])
-        return
     with pytest.raises(SystemExit) as err:
         script.main(argv)
     text = str(err.value)
     assert text.startswith("run_pretraining.py: error:") and message in text and "\n" not in text
+
+
+def test_a_folder_without_images_is_refused_before_training(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(SystemExit, match="holds no image"):
+        _import_script().main(["--train_dir", str(tmp_path)])
+
+
+# The early answers must not pay for torch: the script checks its arguments before its heavy imports
+# and `import esvit` defers the Auto-class registration while it does.
+_IMPORTS_AT_EXIT = """
+import runpy, sys
+sys.argv = ["run_pretraining.py", *sys.argv[1:]]
+try:
+    runpy.run_path("run_pretraining.py", run_name="__main__")
+finally:
+    print("HEAVY:", sorted(m for m in ("torch", "datasets", "accelerate") if m in sys.modules), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--help"], "--num_local_crops"),
+        (["--num_locl_crops", "1"], "did you mean '--num_local_crops'"),
+        (["--recipe", "small-image-cpu"], "did you mean 'small-images-cpu'"),
+        (["--train_dir", "/nonexistent/folder"], "is not a folder"),
+    ],
+)
+def test_help_and_argument_errors_answer_before_torch_is_imported(argv, expected):
+    run = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AT_EXIT, *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert expected in run.stdout + run.stderr
+    assert "HEAVY: []" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+
+
+def test_the_package_registers_the_auto_classes_on_import_in_a_fresh_process():
+    code = (
+        "import esvit, transformers\n"
+        "config = transformers.AutoConfig.for_model('esvit')\n"
+        "print(type(config).__name__, transformers.AutoModel._model_mapping[type(config)].__name__,"
+        " transformers.AutoBackbone._model_mapping[type(config)].__name__)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert run.stdout.split() == ["EsViTConfig", "EsViTModel", "EsViTBackbone"]
 
 
 def test_unknown_flag_names_the_nearest():

@@ -151,3 +151,83 @@ def test_a_nonfinite_step_is_skipped_whole_and_too_many_stop_the_run(monkeypatch
     assert pretrainer.nonfinite_steps == 1 and pretrainer.first_bad_step == 2  # the 2nd optimizer step
     with pytest.raises(NonFiniteLossError, match="first at step 2"):
         pretrainer.train_step(_crops(2), 2)
+
+
+def test_fused_adamw_makes_the_same_updates_from_the_same_gradients():
+    """Three scheduled steps of the fused and the default AdamW fed the same gradients agree to
+    float rounding. (Trained side by side they drift apart by more: at these learning rates a
+    rounding-level difference after step 1 changes the next gradients, which Adam normalises.)"""
+    from esvit.training.optim import build_optimizer
+
+    student, teacher = _networks()
+    other = copy.deepcopy(student)
+    plan, loss_fn = _plan(), EsViTLoss(out_dim=64)
+    default = torch.optim.AdamW(get_param_groups(student))
+    fused = build_optimizer(get_param_groups(other), "fused", torch.device("cpu"))
+    assert fused.defaults["fused"]
+    for step in range(STEPS):
+        crops = _crops(step)
+        with torch.no_grad():
+            teacher_out = teacher(crops[:2])
+        loss_fn(student(crops), teacher_out, teacher_temp=float(plan.schedules.teacher_temp[step])).loss.backward()
+        clip_gradients(student, 0.3)
+        cancel_last_layer_gradients(student, step, plan.freeze_last_layer_steps)
+        for p, q in zip(student.parameters(), other.parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+        for optimizer in (default, fused):
+            for i, group in enumerate(optimizer.param_groups):
+                group["lr"] = float(plan.schedules.lr[step])
+                if i == 0:
+                    group["weight_decay"] = float(plan.schedules.weight_decay[step])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for (name, p), q in zip(student.named_parameters(), other.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6, msg=f"step {step}: {name}")
+    with pytest.raises(ValueError, match="unknown optimizer implementation"):
+        build_optimizer(get_param_groups(student), "apex", torch.device("cpu"))
+    assert not build_optimizer(get_param_groups(student), "auto", torch.device("cpu")).defaults["fused"]
+
+
+def test_koleo_is_the_mean_negative_log_distance_to_the_nearest_other_feature():
+    from esvit.training.koleo import koleo_loss, koleo_per_crop
+
+    features = torch.randn(12, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.nn.functional.normalize(features, dim=-1)
+    distances = torch.cdist(x, x) + torch.diag(torch.full((12,), float("inf"), dtype=torch.float64))
+    expected = -torch.log(distances.min(dim=1).values + 1e-8).mean()
+    torch.testing.assert_close(koleo_loss(features).double(), expected, rtol=1e-5, atol=1e-6)
+    # two nearly equal features cost more than well spread ones, and the gradient pushes them apart
+    spread = torch.eye(4)
+    close = spread.clone()
+    close[1] = close[0] + 1e-3 * torch.tensor([0.0, 1.0, 0.0, 0.0])
+    close.requires_grad_(True)
+    assert koleo_loss(close) > koleo_loss(spread) + 1.0
+    koleo_loss(close).backward()
+    stepped = close.detach() - 1e-4 * close.grad
+    assert (stepped[0] - stepped[1]).norm() > (close[0] - close[1]).detach().norm()
+    pooled = torch.randn(2 * 6, 5)
+    torch.testing.assert_close(koleo_per_crop(pooled, 2), koleo_loss(pooled[:6]) + koleo_loss(pooled[6:]))
+    with pytest.raises(ValueError, match="at least 2"):
+        koleo_loss(torch.randn(1, 5))
+
+
+def test_a_koleo_weight_adds_the_weighted_term_to_the_loss_and_trains_through_it():
+    from esvit.training.koleo import koleo_per_crop
+
+    student, teacher = _networks()
+    plain = _pretrainer(copy.deepcopy(student), copy.deepcopy(teacher))
+    weighted = _pretrainer(student, teacher, koleo_weight=0.1)
+    crops = _crops(0)
+    out_plain, out = plain.train_step(crops, 0), weighted.train_step(crops, 0)
+    assert out_plain.koleo_loss is None and out.koleo_loss is not None
+    with torch.no_grad():
+        _, fresh = _networks()  # the student before its step: the same weights as the teacher
+        expected = koleo_per_crop(fresh(crops).pooler_output[: 2 * crops[0].shape[0]], 2)
+    torch.testing.assert_close(out.koleo_loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, out_plain.loss + 0.1 * out.koleo_loss, rtol=1e-5, atol=1e-6)
+    moved = [
+        k
+        for k, v in weighted.unwrapped_student.state_dict().items()
+        if not torch.equal(v, plain.unwrapped_student.state_dict()[k])
+    ]
+    assert any(k.startswith("esvit.") for k in moved)  # the backbone gets the KoLeo gradient

@@ -287,18 +287,27 @@ def _import_script():
     return run_pretraining
 
 
+def _image_folder(root) -> str:
+    """A folder with one image: local sources are checked when the arguments are parsed."""
+    root.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(root / "one.png")
+    return str(root)
+
+
 def test_argument_precedence_recipe_file_command_line(tmp_path):
-    script = _import_script()
+    from esvit.training.arguments import parse_arguments
+
+    train_dir = _image_folder(tmp_path / "train")
     config = tmp_path / "run.yaml"
     config.write_text(
-        "recipe: esvit-swin-tiny-imagenet\ntrain_dir: /data/train\nper_device_train_batch_size: 16\n"
+        f"recipe: esvit-swin-tiny-imagenet\ntrain_dir: {train_dir}\nper_device_train_batch_size: 16\n"
         "config_overrides:\n  drop_path_rate: 0.2\n"
     )
-    model, data, train = script.parse_arguments([str(config), "--num_train_epochs", "7"])
+    model, data, train = parse_arguments([str(config), "--num_train_epochs", "7"])
     assert train.recipe == "esvit-swin-tiny-imagenet" and train.config == str(config)
     assert model.model_preset == "swin-tiny-w7"  # recipe
     assert train.teacher_temp == 0.07 and train.warmup_teacher_temp_epochs == 30  # recipe
-    assert train.per_device_train_batch_size == 16 and data.train_dir == "/data/train"  # file
+    assert train.per_device_train_batch_size == 16 and data.train_dir == train_dir  # file
     # the file's overrides merge into the recipe's, key by key
     assert model.config_overrides == {"head_out_dim": 65536, "head_norm_last_layer": False, "drop_path_rate": 0.2}
     assert train.num_train_epochs == 7  # command line
@@ -306,28 +315,28 @@ def test_argument_precedence_recipe_file_command_line(tmp_path):
 
     json_config = tmp_path / "run.json"
     json_config.write_text(json.dumps({"dataset_name": "some/dataset", "streaming": True}))
-    model, data, train = script.parse_arguments(["--config", str(json_config), "--config_overrides", "image_size=96"])
+    model, data, train = parse_arguments(["--config", str(json_config), "--config_overrides", "image_size=96"])
     # no recipe named: none on a GPU machine, the small-image recipe on a CPU-only one
     expected_recipe = None if torch.cuda.is_available() else "small-images-cpu"
     assert data.streaming and train.recipe == expected_recipe and model.config_overrides["image_size"] == 96
     # the command line merges too: a recipe's image size survives an unrelated override
-    model, _, _ = script.parse_arguments(["--recipe", "fashion-mnist-cpu", "--config_overrides", "window_size=5"])
+    model, _, _ = parse_arguments(["--recipe", "fashion-mnist-cpu", "--config_overrides", "window_size=5"])
     assert model.config_overrides["window_size"] == 5 and model.build_config().image_size == 28
 
-    model, data, train = script.parse_arguments([])  # no data source: the embedded default
+    model, data, train = parse_arguments([])  # no data source: the embedded default
     assert train.recipe == "tiny-cpu-default" and data.uses_embedded_dataset
 
     config.write_text("learning_rat: 0.1\n")
     with pytest.raises(ValueError, match="learning_rat"):
-        script.parse_arguments([str(config)])
+        parse_arguments([str(config)])
 
 
-def test_every_recipe_parses():
+def test_every_recipe_parses(tmp_path):
+    from esvit.training.arguments import parse_arguments
     from esvit.training.recipes import RECIPES
 
-    script = _import_script()
     for name in RECIPES:
-        model, _, _ = script.parse_arguments(["--recipe", name, "--train_dir", "/data"])
+        model, _, _ = parse_arguments(["--recipe", name, "--train_dir", _image_folder(tmp_path)])
         config = model.build_config()
         if name.startswith("esvit-"):  # the released ImageNet runs: four stages at 224 px
             assert config.num_stages == 4 and config.image_size == 224, name

@@ -533,8 +533,9 @@ def test_a_stalled_peer_ends_the_run_with_a_timeout(small_parquet, hf_home, tmp_
 def student_bytes(args: list[str]) -> int:
     """Bytes of the student's state (model.safetensors) of the run `args` describes."""
     from esvit import EsViTForPreTraining
+    from esvit.training.arguments import parse_arguments
 
-    model_args, _, _ = _import_script().parse_arguments(args)
+    model_args, _, _ = parse_arguments(args)
     model = EsViTForPreTraining(model_args.build_config())
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 

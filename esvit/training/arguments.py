@@ -25,6 +25,10 @@ from pathlib import Path
 CHECKPOINT_EVERY_EPOCH = "epoch"
 
 
+#: File suffixes read as images in local folders (`datasets`' imagefolder reads these and more).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
 def did_you_mean(name: str, valid: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest valid name, or ''."""
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
@@ -197,6 +201,21 @@ class DataArguments:
         if self.eval_dir and self.eval_dataset_name:
             raise ValueError("give --eval_dir or --eval_dataset_name, not both.")
         self.eval_dataset_name = self.eval_dataset_name or self.eval_dir
+        self.check_local_paths()
+
+    def check_local_paths(self) -> None:
+        """A missing or empty local source is a one-line error now, not a traceback after the imports."""
+        for flag in ("train_dir", "dataset_from_disk", "eval_dir"):
+            path = getattr(self, flag)
+            if path and not Path(path).is_dir():
+                raise FileNotFoundError(f"--{flag} {path!r} is not a folder.")
+        if self.train_dir and not any(
+            p.suffix.lower() in IMAGE_SUFFIXES for p in Path(self.train_dir).rglob("*")
+        ):  # stops at the first image
+            raise ValueError(f"--train_dir {self.train_dir!r} holds no image ({', '.join(IMAGE_SUFFIXES)}).")
+        for file in self.train_files or []:
+            if not any(c in file for c in "*?[") and "://" not in file and not Path(file).is_file():
+                raise FileNotFoundError(f"--train_files: {file!r} does not exist.")
 
     @property
     def uses_embedded_dataset(self) -> bool:
@@ -268,6 +287,27 @@ class PretrainingArguments:
             "choices": ["centering", "sinkhorn_knopp"],
         },
     )
+    view_loss_weight: float = field(
+        default=0.5, metadata={"help": "Weight of the view term with the region task on (EsViT: 0.5)."}
+    )
+    region_loss_weight: float = field(
+        default=0.5, metadata={"help": "Weight of the region-matching term (EsViT: 0.5; DINO's view-only runs: none)."}
+    )
+    koleo_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "KoLeo regulariser on the student's pooled features of each global crop (DINOv2: 0.1; "
+            "EsViT: 0, off). Spreads the features of a batch apart against collapse."
+        },
+    )
+    fused_optimizer: str = field(
+        default="auto",
+        metadata={
+            "help": "AdamW implementation: fused (one kernel for all parameters), foreach, or auto (fused on "
+            "CUDA, foreach elsewhere). All compute the same update.",
+            "choices": ["auto", "fused", "foreach"],
+        },
+    )
     clip_grad: float = field(default=3.0, metadata={"help": "Gradient-norm clipping threshold (0 disables)."})
     clip_grad_mode: str = field(default="per_param", metadata={"choices": ["per_param", "global"]})
     freeze_last_layer_epochs: float = 1
@@ -333,6 +373,9 @@ class PretrainingArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 when given, got {value}.")
+        for name in ("view_loss_weight", "region_loss_weight", "koleo_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.checkpointing_steps is not None:
             value = str(self.checkpointing_steps).strip()
             if value != CHECKPOINT_EVERY_EPOCH and not (value.isdigit() and int(value) >= 1):
@@ -393,7 +436,13 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         parser = HfArgumentParser(ARGUMENT_CLASSES)
         parser.set_defaults(**defaults)
         _reject_unknown_flags(parser, rest)
-        model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=rest)
+        values = vars(parser.parse_args(rest))
+        # The data and training checks (stdlib only) run before the model's, which import transformers'
+        # config classes and so torch: a missing folder is reported in a second.
+        data_args, train_args, model_args = (
+            cls(**{f.name: values[f.name] for f in fields(cls) if f.init})
+            for cls in (DataArguments, PretrainingArguments, ModelArguments)
+        )
         if model_args.model_preset != recipe_values.get("model_preset", model_args.model_preset):
             recipe_overrides = {}
         merged = {**recipe_overrides, **file_overrides, **(model_args.config_overrides or {})}

@@ -36,7 +36,7 @@ from .data import (
 )
 from .logs import default_mixed_precision, trackers, worker_count
 from .loss import LOSS_STATE_FILE, EsViTLoss
-from .optim import get_param_groups
+from .optim import build_optimizer, get_param_groups
 from .pretrainer import EsViTPretrainer
 from .schedules import plan_training
 
@@ -141,11 +141,13 @@ def build_pretrainer(
         center_momentum=args.center_momentum,
         use_region_loss=model_args.use_region_loss,
         teacher_normalization=args.teacher_normalization,
+        view_weight=args.view_loss_weight,
+        region_weight=args.region_loss_weight,
     ).to(accelerator.device)
     centres = Path(model_args.init_from or "") / LOSS_STATE_FILE
     if model_args.init_from and centres.is_file():
         loss_fn.load_state_dict(load_file(str(centres)))
-    optimizer = torch.optim.AdamW(get_param_groups(student))  # lr and wd are set every step
+    optimizer = build_optimizer(get_param_groups(student), args.fused_optimizer, accelerator.device)
     student, optimizer = accelerator.prepare(student, optimizer)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     return EsViTPretrainer(
@@ -160,6 +162,7 @@ def build_pretrainer(
         max_consecutive_nonfinite=args.max_consecutive_nonfinite,
         teacher_forward=torch.compile(teacher) if args.torch_compile else teacher,
         global_batch_size=global_batch,
+        koleo_weight=args.koleo_loss_weight,
     )
 
 

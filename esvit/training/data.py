@@ -46,7 +46,7 @@ import datasets
 import torch
 
 from ..images import DEFAULT_MAX_IMAGE_PIXELS, UndecodableImage, decode_image, pick_image_column, read_image_bytes
-from .arguments import DataArguments, pair
+from .arguments import IMAGE_SUFFIXES, DataArguments, pair
 from .multicrop import MultiCropAugmentation
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 EMBEDDED_DATASET = Path(__file__).resolve().parents[1] / "data" / "fashion_mnist_500.parquet"
 
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -96,8 +95,6 @@ def _load_split(args: DataArguments) -> datasets.Dataset | datasets.IterableData
         return datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split, **common)
     # Local files: `datasets` puts them in one split named "train".
     if args.train_dir:
-        if not os.path.isdir(args.train_dir):
-            raise FileNotFoundError(f"--train_dir {args.train_dir!r} is not a folder.")
         builder, source = "imagefolder", dict(data_dir=args.train_dir)
     elif args.train_files:
         builder, source = _builder_for_files(args.train_files), dict(data_files={"train": list(args.train_files)})

@@ -28,7 +28,7 @@ COLLAPSE_LOW, COLLAPSE_HIGH = 0.02, 0.98
 class MetricWindow:
     """Means of the step metrics over the micro-batches since the last `reduce`, over all processes."""
 
-    NAMES = ("loss", "view_loss", "region_loss", "teacher_entropy", "teacher_region_entropy")
+    NAMES = ("loss", "view_loss", "region_loss", "koleo_loss", "teacher_entropy", "teacher_region_entropy")
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -43,7 +43,14 @@ class MetricWindow:
         values = torch.stack(
             [
                 (v if v is not None else zero).float()
-                for v in (out.loss, out.view_loss, out.region_loss, out.teacher_entropy, out.teacher_region_entropy)
+                for v in (
+                    out.loss,
+                    out.view_loss,
+                    out.region_loss,
+                    out.koleo_loss,
+                    out.teacher_entropy,
+                    out.teacher_region_entropy,
+                )
             ]
         )
         finite = torch.isfinite(values).all()

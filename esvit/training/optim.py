@@ -1,6 +1,7 @@
 """Optimizer-side helpers of EsViT / DINO pretraining.
 
 * `get_param_groups`: weight decay on weight matrices only (DINO, Caron et al. 2021, appendix);
+* `build_optimizer`: AdamW over those groups, fused into one kernel where the device has one;
 * `clip_gradients`: per-parameter gradient-norm clipping, as the original trains (max 3.0);
 * `cancel_last_layer_gradients`: keep the prototype layer of both heads fixed during the first
   steps, which DINO found stabilises the start of training;
@@ -33,6 +34,19 @@ def get_param_groups(model: nn.Module) -> list[dict]:
         else:
             regularized.append(param)
     return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+def build_optimizer(param_groups: list[dict], implementation: str, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (the original's optimizer; lr and weight decay are set by the schedules every step).
+
+    `implementation`: "fused" (torch's single-kernel AdamW: one launch for all parameters instead of
+    several per parameter group), "foreach" (multi-tensor ops, torch's default) or "auto" (fused on
+    CUDA, where it pays; foreach elsewhere). The update is the same up to float rounding.
+    """
+    if implementation not in ("auto", "fused", "foreach"):
+        raise ValueError(f"unknown optimizer implementation {implementation!r}: use auto, fused or foreach")
+    fused = implementation == "fused" or (implementation == "auto" and torch.device(device).type == "cuda")
+    return torch.optim.AdamW(param_groups, fused=fused, foreach=None if fused else True)
 
 
 @torch.no_grad()
@@ -99,4 +113,4 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
     torch._foreach_add_(teacher_tensors, student_tensors, alpha=1.0 - momentum)
 
 
-__all__ = ["cancel_last_layer_gradients", "clip_gradients", "get_param_groups", "update_teacher"]
+__all__ = ["build_optimizer", "cancel_last_layer_gradients", "clip_gradients", "get_param_groups", "update_teacher"]

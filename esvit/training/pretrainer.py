@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .koleo import koleo_per_crop
 from .loss import EsViTLoss, EsViTLossOutput
 from .optim import cancel_last_layer_gradients, clip_gradients, update_teacher
 from .schedules import TrainingPlan
@@ -47,6 +48,7 @@ class StepOutput:
 
     Attributes:
         loss / view_loss / region_loss: the loss and its parts (region None without the task).
+        koleo_loss: the KoLeo term before its weight (None when its weight is 0).
         teacher_entropy / teacher_region_entropy: mean entropies of the teacher targets.
         num_images: images in the micro-batch.
         optimizer_step: True on the last micro-batch of an optimizer step (then `update_teacher`
@@ -57,6 +59,7 @@ class StepOutput:
     loss: torch.Tensor
     view_loss: torch.Tensor
     region_loss: torch.Tensor | None
+    koleo_loss: torch.Tensor | None
     teacher_entropy: torch.Tensor
     teacher_region_entropy: torch.Tensor | None
     num_images: int
@@ -80,6 +83,8 @@ class EsViTPretrainer:
         teacher_forward: what to call for the teacher's forward (e.g. `torch.compile(teacher)`);
             the teacher itself by default.
         global_batch_size: images per optimizer step over all processes (for reports).
+        koleo_weight: weight of the KoLeo regulariser on the student's pooled features of each
+            global crop (DINOv2's 0.1); 0 (the default) leaves the original's objective.
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class EsViTPretrainer:
         max_consecutive_nonfinite: int = 20,
         teacher_forward=None,
         global_batch_size: int | None = None,
+        koleo_weight: float = 0.0,
     ):
         self.accelerator = accelerator
         self.student = student
@@ -108,6 +114,7 @@ class EsViTPretrainer:
         self.clip_grad_mode = clip_grad_mode
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.global_batch_size = global_batch_size  # images per optimizer step, all processes
+        self.koleo_weight = koleo_weight
         self.config = self.unwrapped_student.config
         self.nonfinite_steps = 0  # skipped optimizer steps, this process's run so far
         self.consecutive_nonfinite = 0
@@ -133,13 +140,19 @@ class EsViTPretrainer:
             out = self.loss_fn(
                 student_out, teacher_out, teacher_temp=float(schedules.teacher_temp[step]), update_centers=False
             )
-            accelerator.backward(out.loss)
-            finite = torch.isfinite(out.loss.detach())
+            loss, koleo = out.loss, None
+            if self.koleo_weight:
+                batch = crops[0].shape[0]
+                koleo = koleo_per_crop(student_out.pooler_output[: 2 * batch], num_crops=2)  # the global crops
+                loss = loss + self.koleo_weight * koleo
+                koleo = koleo.detach()
+            accelerator.backward(loss)
+            finite = torch.isfinite(loss.detach())
             self._finite = finite if self._finite is None else self._finite & finite
             skipped = False
             if accelerator.sync_gradients:
                 skipped = not self._optimizer_step(step)
-        return self._step_output(out, crops[0].shape[0], accelerator.sync_gradients, skipped)
+        return self._step_output(out, loss, koleo, crops[0].shape[0], accelerator.sync_gradients, skipped)
 
     def _optimizer_step(self, step: int) -> bool:
         """Schedules, clipping, freeze, optimizer step; False when the step was skipped."""
@@ -200,11 +213,14 @@ class EsViTPretrainer:
         update_teacher(self.unwrapped_student, self.teacher, float(self.plan.schedules.teacher_momentum[step]))
 
     @staticmethod
-    def _step_output(out: EsViTLossOutput, num_images: int, optimizer_step: bool, skipped: bool) -> StepOutput:
+    def _step_output(
+        out: EsViTLossOutput, loss, koleo, num_images: int, optimizer_step: bool, skipped: bool
+    ) -> StepOutput:
         return StepOutput(
-            loss=out.loss.detach(),
+            loss=loss.detach(),
             view_loss=out.view_loss,
             region_loss=out.region_loss,
+            koleo_loss=koleo,
             teacher_entropy=out.teacher_view_entropy,
             teacher_region_entropy=out.teacher_region_entropy,
             num_images=num_images,
