@@ -59,6 +59,7 @@ import esvit
 from esvit.training import checkpointing as ckpt
 from esvit.training.arguments import DataArguments, ModelArguments, PretrainingArguments
 from esvit.training.builders import build_data, build_pretrainer, make_accelerator
+from esvit.training.data import sample_seed
 from esvit.training.hub import card_info, create_hub_repo, push_outputs, save_teacher, tracker_config
 from esvit.training.logs import EtaReporter, configure_logging, warn_if_fewer_processes_than_launched
 from esvit.training.monitoring import CollapseMonitor, KnnMonitor, MetricWindow
@@ -117,7 +118,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
         def evaluate(step: int) -> None:
             if knn and (top1 := knn.evaluate(accelerator.unwrap_model(teacher).esvit, accelerator, step)) is not None:
                 accelerator.log({"knn_top1": top1}, step=step)
-            log_pictures(accelerator, teacher, pictures, data.collator.augment, step, seed=args.seed)
+            log_pictures(accelerator, teacher, pictures, data.augmentation, step, seed=args.seed)
 
         def save(step: int) -> None:
             state.global_step, state.nonfinite_steps = step, pretrainer.nonfinite_steps
@@ -156,7 +157,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: Pretrainin
                 position.images_seen += batch["crops"][0].shape[0]
                 if args.record_sample_keys:
                     seen_keys.extend([step, position.epoch, k] for k in batch["keys"].tolist())
-                out = pretrainer.train_step(batch["crops"], step)
+                batch_id = position.batches_done * accelerator.num_processes + accelerator.process_index
+                crops = data.crops_on_device(batch["crops"], sample_seed(args.seed, position.epoch, batch_id))
+                out = pretrainer.train_step(crops, step)
                 window.add(out, batch["num_skipped"])
                 if not out.optimizer_step:
                     continue

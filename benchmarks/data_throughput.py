@@ -12,11 +12,19 @@ solarisation, normalisation), in one process on one thread, so the figure is ima
   augmentation then run directly (the collator's loop minus its hashing) and the output says so.
 * classic: the original DINO / EsViT `DataAugmentationDINO` (torchvision transforms, PIL blur and
   solarisation), `Image.open(...).convert("RGB")`, `default_collate`.
+* crop-only workers (uint8): the CPU half of the split recipe, what DataLoader workers do when the
+  photometric half runs on the accelerator: the same collator and decoder with
+  `esvit.training.device_augment.CropOnlyMultiCrop` (random resized crops -> uint8 tensors).
+* device photometric: the other half, `DevicePhotometricAugmentation` (per-sample flip, colour
+  jitter, greyscale, blur, solarisation, normalisation) on batches of those uint8 crops already on
+  `--device` (default: cuda when available, else cpu), in images/s of that device (on the CPU
+  with one thread, so per core as well). Host-to-device copies are not included.
 
 The JPEGs are generated here: random smooth images (`--source smooth`, ImageNet-like 500x375 by
 default) or the embedded Fashion-MNIST sample upscaled (`--source fashion-mnist`, needs pyarrow).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/data_throughput.py --images 64 --batch 16
+    PYTHONPATH=. python benchmarks/data_throughput.py --device cuda --device-batch 256
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 
 from esvit.images import IMAGENET_MEAN, IMAGENET_STD, decode_image
+from esvit.training.device_augment import CropOnlyMultiCrop, DevicePhotometricAugmentation
 from esvit.training.multicrop import MultiCropAugmentation
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "esvit" / "data" / "fashion_mnist_500.parquet"
@@ -141,9 +150,8 @@ def classic_batch(files: list[bytes], augment: ClassicDINOAugmentation) -> list[
 
 
 # -------------------------------------------------------------------------------- our pipeline
-def our_batch_function(local_crops: int):
-    """`(files) -> crops` through `MultiCropCollator`, or its decoder + augmentation without datasets."""
-    augment = MultiCropAugmentation(num_local_crops=local_crops)
+def _collating(augment):
+    """`(files) -> crops` through `MultiCropCollator` with `augment`, or its decoder + `augment` without datasets."""
     # the shorter side above which no crop is upsampled (`data.min_side_for_crops` of this recipe)
     min_side = int(max(224 / 0.4**0.5, 96 / 0.05**0.5)) + 1
     try:
@@ -162,6 +170,40 @@ def our_batch_function(local_crops: int):
         return collator([{"image": {"bytes": raw, "path": None}} for raw in files])["crops"]
 
     return run, "MultiCropCollator"
+
+
+def our_batch_function(local_crops: int):
+    """`(files) -> crops` of the full CPU recipe (`MultiCropAugmentation`)."""
+    return _collating(MultiCropAugmentation(num_local_crops=local_crops))
+
+
+def crop_only_batch_function(local_crops: int):
+    """`(files) -> uint8 crops` of the CPU half of the split recipe (`CropOnlyMultiCrop`)."""
+    run, note = _collating(CropOnlyMultiCrop(num_local_crops=local_crops))
+    return run, f"{note} + CropOnlyMultiCrop"
+
+
+def measure_device(crops: list[torch.Tensor], local_crops: int, device: torch.device, repeats: int) -> float:
+    """Images per second of `DevicePhotometricAugmentation` on uint8 `crops` (n_crops x [B, 3, h, w]) on `device`."""
+    photometric = DevicePhotometricAugmentation.from_multicrop(MultiCropAugmentation(num_local_crops=local_crops))
+    photometric = photometric.to(device)
+    crops = [c.to(device) for c in crops]
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def synchronize() -> None:
+        if device.type != "cpu":
+            getattr(torch, device.type).synchronize()
+
+    photometric(crops, generator)  # warm-up (kernel selection, allocator)
+    synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        views = photometric(crops, generator)
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    assert views[0].dtype == torch.float32 and views[0].shape == crops[0].shape
+    return crops[0].shape[0] / best
 
 
 def measure(run, files: list[bytes], batch: int, repeats: int) -> float:
@@ -190,6 +232,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the device photometric half runs (default: cuda when available, else cpu)",
+    )
+    parser.add_argument(
+        "--device-batch", type=int, default=None, help="images per device photometric batch (default: --batch)"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -207,6 +257,7 @@ def main() -> None:
         files = smooth_jpegs(args.images, args.width, args.height, args.seed, args.quality)
         size = f"{args.width}x{args.height}"
     ours, ours_note = our_batch_function(args.local_crops)
+    crop_only, crop_only_note = crop_only_batch_function(args.local_crops)
     classic_aug = ClassicDINOAugmentation(local_crops=args.local_crops)
     header = {
         "machine": f"{platform.processor() or platform.machine()} CPU, 1 process, 1 thread",
@@ -217,6 +268,7 @@ def main() -> None:
         "mean_jpeg_kib": sum(map(len, files)) / len(files) / 1024,
         "batch": args.batch,
         "crops": f"2x224 + {args.local_crops}x96",
+        "device": args.device,
     }
     print(json.dumps(header))
     if ours_note != "MultiCropCollator":
@@ -225,15 +277,28 @@ def main() -> None:
     for name, run, note in (
         ("ours", ours, ours_note),
         ("classic torchvision (DINO DataAugmentationDINO)", lambda f: classic_batch(f, classic_aug), "default_collate"),
+        ("crop-only workers (uint8)", crop_only, crop_only_note),
     ):
         ips = measure(run, files, args.batch, args.repeats)
         results.append({"pipeline": name, "images_per_s_per_core": ips, "path": note})
         print(f"{name:>48}: {ips:7.1f} images/s per core ({note})")
+    # the device half: uint8 crops of `--device-batch` images (the files repeated when fewer)
+    device = torch.device(args.device)
+    device_batch = args.device_batch or args.batch
+    uint8_crops = crop_only([files[i % len(files)] for i in range(device_batch)])
+    device_ips = measure_device(uint8_crops, args.local_crops, device, args.repeats)
+    device_note = f"DevicePhotometricAugmentation, batch {device_batch}, crops already on {device}"
+    results.append(
+        {"pipeline": "device photometric", "images_per_s": device_ips, "device": str(device), "path": device_note}
+    )
+    print(f"{'device photometric':>48}: {device_ips:7.1f} images/s on {device} ({device_note})")
     ratio = results[0]["images_per_s_per_core"] / results[1]["images_per_s_per_core"]
-    print(f"ours / classic: {ratio:.2f}x")
+    crop_only_ratio = results[2]["images_per_s_per_core"] / results[0]["images_per_s_per_core"]
+    print(f"ours / classic: {ratio:.2f}x; crop-only / ours: {crop_only_ratio:.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**header, "results": results, "ours_over_classic": ratio}, indent=2) + "\n")
+        summary = {**header, "results": results, "ours_over_classic": ratio, "crop_only_over_ours": crop_only_ratio}
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -457,6 +458,22 @@ def test_streamed_run_resumes_exactly(small_parquet, hf_home, tmp_path):
     assert len({key for _, epoch, key in epoch_keys if epoch == 0}) == NUM_IMAGES  # 5 batches = the stream
     resumed = tmp_path / "resumed"
     run_script(stream_args(resumed, resume_from_checkpoint=str(full / "checkpoints" / "step_00000004")), hf_home)
+    assert_same_state(teacher_state(resumed), teacher_state(full), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_augmenting_on_the_device_trains_and_resumes_exactly(reference_run, small_parquet, hf_home, tmp_path):
+    """`--augment_on_device`: uint8 crops from the workers, the photometric half in the step, drawn
+    from the data position, so a resumed run continues with the very same augmentations."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    summary = run_script(tiny_run_args(small_parquet, full, augment_on_device="true", checkpointing_steps="4"), hf_home)
+    assert summary["global_step"] == 6 and math.isfinite(summary["final_metrics"]["loss"])
+    assert keys_by_step(full, 0) == keys_by_step(reference_run, 0)  # the same images, augmented elsewhere
+    reference = teacher_state(reference_run)
+    assert any(not torch.equal(v, reference[k]) for k, v in teacher_state(full).items())
+    checkpoint = full / "checkpoints" / "step_00000004"
+    run_script(tiny_run_args(small_parquet, resumed, augment_on_device="true", resume_from_checkpoint=str(checkpoint)),
+               hf_home)  # fmt: skip
     assert_same_state(teacher_state(resumed), teacher_state(full), rtol=0, atol=0)
 
 

@@ -171,6 +171,14 @@ class DataArguments:
         default_factory=lambda: [1.0, 0.1, 0.5],
         metadata={"help": "Gaussian-blur probability of (global 1, global 2, local) crops; zeros for tiny images."},
     )
+    augment_on_device: bool = field(
+        default=False,
+        metadata={
+            "help": "Workers only decode and crop (uint8); flip, colour jitter, grey, blur, solarisation and "
+            "normalisation run batched on the accelerator, drawn per sample. For GPUs whose CPU cores cannot "
+            "feed the step; off by default (the CPU recipe)."
+        },
+    )
     eval_dataset_name: str | None = field(
         default=None,
         metadata={

@@ -34,8 +34,10 @@ from .data import (
     load_pretraining_images,
     min_side_for_crops,
 )
+from .device_augment import DevicePhotometricAugmentation, device_recipe_from
 from .logs import default_mixed_precision, trackers, worker_count
 from .loss import LOSS_STATE_FILE, EsViTLoss
+from .multicrop import MultiCropAugmentation
 from .optim import build_optimizer, get_param_groups
 from .pretrainer import EsViTPretrainer
 from .schedules import plan_training
@@ -74,13 +76,26 @@ class PretrainingData:
     loader: PretrainingLoader
     batches_per_epoch: int | None
     steps_per_epoch: int | None
+    augmentation: MultiCropAugmentation  # the whole recipe (the pictures use it)
+    device_augment: DevicePhotometricAugmentation | None = None  # with --augment_on_device
+
+    def crops_on_device(self, crops: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+        """The batch's crops as the step takes them: with `--augment_on_device` the uint8 crops get
+        their photometric half here, from a generator seeded by `seed` (a function of the data
+        position, so a resumed run draws the same); otherwise as they came."""
+        if self.device_augment is None:
+            return crops
+        generator = torch.Generator(device=crops[0].device).manual_seed(seed)
+        return self.device_augment(crops, generator=generator)
 
 
 def build_data(data_args: DataArguments, args: PretrainingArguments, accelerator: Accelerator) -> PretrainingData:
     with accelerator.main_process_first():
         dataset = load_pretraining_images(data_args)
+    augmentation = build_augmentation(data_args)
+    crop_only, device_augment = device_recipe_from(augmentation) if data_args.augment_on_device else (None, None)
     collator = MultiCropCollator(
-        build_augmentation(data_args),
+        crop_only or augmentation,
         seed=args.seed,
         max_pixels=data_args.max_image_pixels,
         min_side=min_side_for_crops(data_args),
@@ -96,7 +111,9 @@ def build_data(data_args: DataArguments, args: PretrainingArguments, accelerator
     )
     batches = loader.known_batches_per_epoch(data_args, args.per_device_train_batch_size, accelerator)
     steps = math.ceil(batches / args.gradient_accumulation_steps) if batches else None
-    return PretrainingData(dataset, collator, loader, batches, steps)
+    if device_augment is not None:
+        device_augment = device_augment.to(accelerator.device)
+    return PretrainingData(dataset, collator, loader, batches, steps, augmentation, device_augment)
 
 
 def build_pretrainer(

@@ -126,6 +126,28 @@ class MultiCropAugmentation:
         self.num_local_crops = counts
         self.local_crop_sizes = sizes
         self.convert_to_rgb = convert_to_rgb
+        # The constructor arguments, split into the geometric and the photometric half, so that
+        # `device_augment.device_recipe_from` can build the same recipe in two stages.
+        self.crop_arguments = dict(
+            global_crop_size=global_crop_size,
+            global_crops_scale=tuple(global_crops_scale),
+            num_local_crops=counts,
+            local_crop_size=sizes,
+            local_crops_scale=tuple(local_crops_scale),
+            interpolation=interpolation,
+            convert_to_rgb=convert_to_rgb,
+        )
+        self.photometric_arguments = dict(
+            flip_prob=flip_prob,
+            color_jitter=tuple(color_jitter),
+            color_jitter_prob=color_jitter_prob,
+            grayscale_prob=grayscale_prob,
+            blur_probs=tuple(blur_probs),
+            blur_radius=tuple(blur_radius),
+            solarize_prob=solarize_prob,
+            mean=tuple(mean),
+            std=tuple(std),
+        )
 
         brightness, contrast, saturation, hue = color_jitter
         photometric = [
