@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from esvit import EsViTConfig, EsViTForPreTraining
 from esvit.heads import WeightNormLinear
 from esvit.training.loss import DEFAULT_CHUNK_NUMEL, EsViTLoss, EsViTLossOutput
-from esvit.training.optim import get_param_groups
+from esvit.training.optim import build_optimizer, get_param_groups
 from esvit.training.pretrainer import EsViTPretrainer
 from esvit.training.schedules import TrainingPlan, build_schedules
 from esvit.training.targets import compute_dtype
@@ -320,7 +320,10 @@ def build_pretrainer(args, config, state, accelerator, device, variant: str) -> 
                 if isinstance(module, WeightNormLinear):
                     module.forward = types.MethodType(plain_weight_norm_forward, module)
     loss_fn.to(device)
-    optimizer = torch.optim.AdamW(get_param_groups(student))
+    if variant == "ours":  # as run_pretraining.py builds it: fused AdamW on CUDA
+        optimizer = build_optimizer(get_param_groups(student), "auto", torch.device(device))
+    else:
+        optimizer = torch.optim.AdamW(get_param_groups(student))
     student, optimizer = accelerator.prepare(student, optimizer)
     total = args.warmup + args.steps + 1
     schedules = build_schedules(
