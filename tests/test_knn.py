@@ -99,3 +99,22 @@ def test_rejects_bad_input():
         knn_classify(train, train_labels, torch.zeros(1, 3), torch.tensor([0]), num_classes=2, ks=(1,))
     with pytest.raises(ValueError, match="train labels"):
         knn_classify(train, train_labels, test, torch.tensor([0]), num_classes=1, ks=(1,))
+
+
+def test_leave_one_out_votes_each_image_among_all_the_others():
+    generator = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(30, 6, generator=generator), torch.randint(0, 5, (30,), generator=generator)
+    result = knn_classify(features, labels, features, labels, 5, ks=(1, 4), leave_one_out=True, batch_size=7)
+    for k in (1, 4):  # each image scored against the other 29 alone
+        hits = 0
+        for i in range(30):
+            others = torch.cat([torch.arange(i), torch.arange(i + 1, 30)])
+            single = knn_classify(features[others], labels[others], features[i : i + 1], labels[i : i + 1], 5, ks=(k,))
+            hits += single[k]["top1"] == 100.0
+        assert result[k]["top1"] == pytest.approx(100.0 * hits / 30)
+    # without leaving out, every image is its own nearest neighbour
+    assert knn_classify(features, labels, features, labels, 5, ks=(1,))[1]["top1"] == 100.0
+    with pytest.raises(ValueError, match="leave_one_out needs"):
+        knn_classify(features, labels, features[:10], labels[:10], 5, ks=(1,), leave_one_out=True)
+    with pytest.raises(ValueError, match=r"every k must lie in \[1, 29\]"):
+        knn_classify(features, labels, features, labels, 5, ks=(30,), leave_one_out=True)

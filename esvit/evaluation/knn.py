@@ -72,6 +72,7 @@ def knn_classify(
     ks: Sequence[int] = (10, 20, 100, 200),
     temperature: float = 0.07,
     batch_size: int = 1024,
+    leave_one_out: bool = False,
 ) -> dict[int, dict[str, float]]:
     """Weighted k-NN accuracy for every `k` in `ks`.
 
@@ -82,6 +83,9 @@ def knn_classify(
         ks: neighbourhood sizes, each at most the number of training images.
         temperature: T in the vote weight exp(similarity / T).
         batch_size: test rows per chunk (bounds the `[batch_size, N]` similarity matrix).
+        leave_one_out: the test set is the training set, row for row, and each image votes among
+            all the others (never itself): every labelled image is a query, for sets too small
+            to split.
 
     Returns:
         `{k: {"top1": percent, "top5": percent}}` ("top5" only when `num_classes >= 5`).
@@ -91,8 +95,10 @@ def knn_classify(
         raise ValueError(f"test_labels must have shape [{test_features.shape[0]}], got {tuple(test_labels.shape)}.")
     if test_features.shape[0] == 0:
         raise ValueError("the test set is empty.")
+    if leave_one_out and (test_features.shape != train_features.shape or not torch.equal(test_labels, train_labels)):
+        raise ValueError("leave_one_out needs the same features and labels as the test and the training set.")
     ks = sorted({int(k) for k in ks})
-    num_train = train_features.shape[0]
+    num_train = train_features.shape[0] - int(leave_one_out)
     if not ks or ks[0] < 1 or ks[-1] > num_train:
         raise ValueError(f"every k must lie in [1, {num_train}] (the number of training images); got {ks}.")
     if temperature <= 0:
@@ -111,6 +117,9 @@ def knn_classify(
         queries = F.normalize(test_features[start : start + batch_size].to(device).float(), dim=1)  # [B, D]
         targets = test_labels[start : start + batch_size].to(device=device, dtype=torch.long)  # [B]
         similarity = queries @ train.T  # [B, N]
+        if leave_one_out:  # no image is its own neighbour
+            rows = torch.arange(similarity.shape[0], device=device)
+            similarity[rows, start + rows] = -float("inf")
         top_sims, top_idx = similarity.topk(ks[-1], dim=1, largest=True, sorted=True)  # [B, k_max]
         top_labels = train_labels[top_idx]  # [B, k_max]
         for k in ks:

@@ -117,9 +117,11 @@ class KnnMonitor:
 
     The split's images are decoded and preprocessed once (resize + centre crop to the model's
     image size, ImageNet normalisation) and kept as float16 on the CPU; a bank part (features with
-    labels) and a query part come from the data's own train / test splits when it has both,
-    else from a stratified 80 / 20 split of what it has. Only the main process computes; the others
-    wait, so a monitor must stay small (`max_samples` images per part).
+    labels) and a query part come from the data's own train / test splits when it has both; with
+    one split, every image (up to `2 * max_samples`, a stratified sample) is a query that votes
+    among all the others (leave-one-out), which gives five times the queries of an 80 / 20 split.
+    Only the main process computes; the others wait, so a monitor must stay small (`max_samples`
+    images per part).
 
     Args:
         name_or_path: what `evaluation.data.load_labelled_split` reads (Hub id, class folders, ...).
@@ -164,12 +166,14 @@ class KnnMonitor:
             self.description = f"train / {test.name} splits"
         else:
             labels = torch.tensor(train.dataset[train.label_column])
-            bank_rows, query_rows = stratified_holdout(labels, 0.2, seed=seed)
-            self.bank = pixels(train, bank_rows[:max_samples].tolist())
-            self.query = pixels(train, query_rows[:max_samples].tolist())
-            self.description = "a stratified 80/20 split of its train split"
+            rows = torch.arange(len(labels))
+            if len(rows) > 2 * max_samples:  # a stratified sample of the allowed size
+                rows = stratified_holdout(labels, 2 * max_samples / len(rows), seed=seed)[1]
+            self.bank = self.query = pixels(train, rows.tolist())
+            self.description = f"leave-one-out over {len(rows)} images of its one split"
         self.num_classes = train.num_classes
-        self.k = min(k, self.bank[0].shape[0])
+        self.leave_one_out = self.query is self.bank
+        self.k = min(k, self.bank[0].shape[0] - int(self.leave_one_out))
         self.history: list[tuple[int, float]] = []
         logger.info(
             "k-NN monitor: %d bank and %d query images of %s (%s), %d classes.",
@@ -203,10 +207,11 @@ class KnnMonitor:
             backbone.eval()
             try:
                 bank = self._features(backbone, self.bank[0], accelerator.device)
-                query = self._features(backbone, self.query[0], accelerator.device)
+                query = bank if self.leave_one_out else self._features(backbone, self.query[0], accelerator.device)
             finally:
                 backbone.train(was_training)
-            result = knn_classify(bank, self.bank[1], query, self.query[1], self.num_classes, ks=(self.k,))
+            result = knn_classify(bank, self.bank[1], query, self.query[1], self.num_classes, ks=(self.k,),
+                                  leave_one_out=self.leave_one_out)  # fmt: skip
             top1 = result[self.k]["top1"]
             self.history.append((step, top1))
             logger.info(
