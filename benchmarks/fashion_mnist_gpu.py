@@ -20,7 +20,10 @@ pooled feature) and the fast linear probe (last-4-block features), as
         --max_test_images 256 --batch_size 32 --calibration_steps 2                     # a CPU check
 
 Data: the IDX files of Debian's `dataset-fashion-mnist` (`--data_dir`, default
-/usr/share/datasets/fashion-mnist), read without `datasets`.
+/usr/share/datasets/fashion-mnist), read without `datasets` (nothing here imports it, so the script
+runs where only torch, transformers, accelerate and timm are installed; the four files are 31 MB
+to copy along). About 8 minutes in all on one GPU with the default 6-minute budget: start-up,
+calibration, two scorings of 70k images and the pretraining.
 """
 
 from __future__ import annotations

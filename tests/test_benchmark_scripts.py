@@ -30,8 +30,13 @@ def test_fashion_mnist_gpu_script_trains_and_scores_on_cpu(tmp_path):
         _write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", images)
         _write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", labels)
     result_file = tmp_path / "result.json"
+    # run as on the GPU machine, where `datasets` is not installed: the script must never import it
+    wrapper = (
+        "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+        "print('datasets imported:', 'datasets' in sys.modules)"
+    )
     command = [
-        sys.executable, "benchmarks/fashion_mnist_gpu.py", "--device", "cpu", "--data_dir", str(tmp_path),
+        sys.executable, "-c", wrapper, "benchmarks/fashion_mnist_gpu.py", "--device", "cpu", "--data_dir", str(tmp_path),
         "--minutes", "0.01", "--batch_size", "16", "--calibration_steps", "2", "--probe_epochs", "2",
         "--eval_batch_size", "64", "--json", str(result_file), "--train_args", "--num_local_crops 1",
     ]  # fmt: skip
@@ -44,3 +49,4 @@ def test_fashion_mnist_gpu_script_trains_and_scores_on_cpu(tmp_path):
     for row in ("random", "pretrained"):
         assert 0.0 <= result[row]["knn_top1"] <= 100.0 and 0.0 <= result[row]["linear_top1"] <= 100.0
     assert "| random weights |" in run.stdout and "| EsViT (fashion-mnist-cpu" in run.stdout
+    assert "datasets imported: False" in run.stdout

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -26,14 +27,6 @@ from safetensors.torch import load_file
 
 from ..modeling_esvit import EsViTForPreTraining
 from .arguments import DataArguments, ModelArguments, PretrainingArguments
-from .data import (
-    MultiCropCollator,
-    PretrainingLoader,
-    build_augmentation,
-    build_pretraining_loader,
-    load_pretraining_images,
-    min_side_for_crops,
-)
 from .device_augment import DevicePhotometricAugmentation, device_recipe_from
 from .logs import default_mixed_precision, trackers, worker_count
 from .loss import LOSS_STATE_FILE, EsViTLoss
@@ -41,6 +34,9 @@ from .multicrop import MultiCropAugmentation
 from .optim import build_optimizer, get_param_groups
 from .pretrainer import EsViTPretrainer
 from .schedules import plan_training
+
+if TYPE_CHECKING:
+    from .data import MultiCropCollator, PretrainingLoader
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +86,16 @@ class PretrainingData:
 
 
 def build_data(data_args: DataArguments, args: PretrainingArguments, accelerator: Accelerator) -> PretrainingData:
+    # `datasets` is imported for the data only: `build_pretrainer` works without it (on images
+    # already in memory, as benchmarks/fashion_mnist_gpu.py trains).
+    from .data import (
+        MultiCropCollator,
+        build_augmentation,
+        build_pretraining_loader,
+        load_pretraining_images,
+        min_side_for_crops,
+    )
+
     with accelerator.main_process_first():
         dataset = load_pretraining_images(data_args)
     augmentation = build_augmentation(data_args)
