@@ -207,8 +207,10 @@ def test_koleo_is_the_mean_negative_log_distance_to_the_nearest_other_feature():
     assert (stepped[0] - stepped[1]).norm() > (close[0] - close[1]).detach().norm()
     pooled = torch.randn(2 * 6, 5)
     torch.testing.assert_close(koleo_per_crop(pooled, 2), koleo_loss(pooled[:6]) + koleo_loss(pooled[6:]))
-    with pytest.raises(ValueError, match="at least 2"):
-        koleo_loss(torch.randn(1, 5))
+    single = torch.randn(1, 5, requires_grad=True)  # no neighbour: no term, but a graph to backward through
+    assert koleo_loss(single).item() == 0.0
+    koleo_loss(single).backward()
+    assert torch.equal(single.grad, torch.zeros(1, 5))
 
 
 def test_a_koleo_weight_adds_the_weighted_term_to_the_loss_and_trains_through_it():

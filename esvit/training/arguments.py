@@ -305,7 +305,8 @@ class PretrainingArguments:
         default=0.0,
         metadata={
             "help": "KoLeo regulariser on the student's pooled features of each global crop (DINOv2: 0.1; "
-            "EsViT: 0, off). Spreads the features of a batch apart against collapse."
+            "EsViT: 0, off). Spreads the features of a batch apart against collapse; computed per process "
+            "and micro-batch, as DINOv2 does."
         },
     )
     fused_optimizer: str = field(

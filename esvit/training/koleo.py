@@ -10,6 +10,10 @@ with weight 0.1 to the student's class tokens of each global crop. For L2-normal
 which is large when two features nearly coincide: it pushes collapsed features apart, the failure
 seen when a DINO-family objective trains a small model on little data. EsViT itself has no such
 term; `--koleo_loss_weight 0` (the default) leaves the objective exactly the original's.
+
+The neighbours are searched within each process's micro-batch, as DINOv2 does per GPU: unlike the
+DINO / EsViT loss, the term depends on how the global batch is split, so runs with KoLeo on give
+slightly different results on 1 and 2 processes or with gradient accumulation.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import torch.nn.functional as F
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """KoLeo loss of one batch of features `[n, C]` (n >= 2); a scalar, float32."""
+    """KoLeo loss of one batch of features `[n, C]`; a scalar, float32. A batch of one feature has
+    no neighbour and gives 0 (e.g. a micro-batch left with one decodable image)."""
     if features.shape[0] < 2:
-        raise ValueError(f"KoLeo needs at least 2 features per batch, got {features.shape[0]}")
+        return features.float().sum() * 0.0  # keeps the graph, so backward still reaches every parameter
     x = F.normalize(features.float(), dim=-1, eps=eps)  # [n, C]
     with torch.no_grad():  # the neighbour choice is a selection: no gradient flows through it
         similarity = x @ x.T  # [n, n]
