@@ -166,7 +166,7 @@ RECIPES: dict[str, dict] = {
     # A user's own folder of small images (about 28-64 px; `--train_dir my_images`, and
     # `--eval_dir my_labelled_class_folders` for the k-NN monitor): the measured Fashion-MNIST
     # recipe above (3-stage Swin at 28 px, no local crops, BatchNorm head, momentum 0.99,
-    # out_dim 256, view + region tasks), without its benchmark-only settings. The random crops
+    # out_dim 256, view 1.0 + region 0.5 + KoLeo 0.1), without its benchmark-only settings. The random crops
     # resize any image to 28 px; for larger images raise image_size and global_crop_size together
     # (a multiple of 4 whose token map, image_size / 2, suits window_size). Give more steps for
     # more data with --max_train_steps.
