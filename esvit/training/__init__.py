@@ -7,8 +7,10 @@ arXiv:2106.09785). One module per concept:
 * `recipes`: named argument sets (the released ImageNet runs, small-image runs);
 * `data`: unlabelled images through `datasets`, sharded once over the processes;
 * `multicrop`: the 2 global + N local crop augmentation;
+* `device_augment` / `device_crops`: the same augmentation batched on the accelerator, per sample;
 * `centering`: the EMA centres of the teacher outputs (DINO's collapse-avoidance statistic);
 * `loss`: teacher targets, region matching and the view + region cross-entropy;
+* `koleo`: DINOv2's KoLeo regulariser of the pooled features (an option);
 * `schedules`: learning rate, weight decay, teacher momentum and temperature per step;
 * `optim`: parameter groups, clipping, last-layer freeze, the EMA teacher update;
 * `pretrainer`: `EsViTPretrainer`, one training step as an object (`train_step`, `update_teacher`);

@@ -42,7 +42,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from ..images import IMAGENET_MEAN, IMAGENET_STD
-from .multicrop import MultiCropAugmentation, _as_tuple
+from .multicrop import MultiCropAugmentation, SeededCrops, _as_tuple
 
 #: Luma weights of torchvision's tensor `rgb_to_grayscale` (ITU-R 601-2, red rounded as there).
 LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -55,7 +55,7 @@ _FLIP, _JITTER, _GRAY, _BLUR, _SOLARIZE, _SIGMA, _FACTORS, _ORDER, _NUM_DRAWS = 
 
 
 # ---------------------------------------------------------------------------------- CPU half
-class CropOnlyMultiCrop:
+class CropOnlyMultiCrop(SeededCrops):
     """PIL image -> `[global_1, global_2, local_1, ..., local_N]` uint8 `[3, h, w]` crops.
 
     The geometric half of `MultiCropAugmentation` (same arguments, crop sizes and order, random
@@ -98,18 +98,6 @@ class CropOnlyMultiCrop:
         """The crops of `augmentation` (its `crop_arguments`)."""
         return cls(**augmentation.crop_arguments)
 
-    @property
-    def num_crops(self) -> int:
-        return 2 + sum(self.num_local_crops)
-
-    @property
-    def crop_sizes(self) -> list[int]:
-        """Side of every returned crop, in order."""
-        sizes = [self.global_crop_size] * 2
-        for count, size in zip(self.num_local_crops, self.local_crop_sizes):
-            sizes += [size] * count
-        return sizes
-
     @staticmethod
     def _to_uint8(image: Image.Image) -> torch.Tensor:
         # [h, w, 3] uint8 array (a writable copy, which torch may share) -> [3, h, w] view
@@ -121,20 +109,11 @@ class CropOnlyMultiCrop:
             crops.extend(self._to_uint8(crop(image)) for _ in range(count))
         return crops
 
-    def __call__(self, image: Image.Image, seed: int | None = None) -> list[torch.Tensor]:
-        """All crops of one image, uint8 `[3, h, w]`. With `seed`, they depend only on (image, seed)."""
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"CropOnlyMultiCrop expects a PIL image, got {type(image).__name__}")
+    def _prepare(self, image: Image.Image) -> Image.Image:
+        image = super()._prepare(image)
         if image.mode != "RGB":
-            if not self.convert_to_rgb:
-                raise ValueError(f"CropOnlyMultiCrop needs an RGB image, got mode {image.mode!r}")
-            image = image.convert("RGB")
-        if seed is None:
-            return self._crops(image)
-        with torch.random.fork_rng(devices=[]):
-            # Only the CPU generator: seeding the accelerator ones too costs milliseconds per image.
-            torch.random.default_generator.manual_seed(seed)
-            return self._crops(image)
+            raise ValueError(f"CropOnlyMultiCrop needs an RGB image, got mode {image.mode!r}")
+        return image
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}(", f"  2 x global={self.global_crop},"]

@@ -68,7 +68,54 @@ def _as_tuple(value: int | Sequence[int], name: str) -> tuple[int, ...]:
     return values
 
 
-class MultiCropAugmentation:
+class SeededCrops:
+    """What both multi-crop callables share (`MultiCropAugmentation` and the crop-only half of
+    `device_augment`): the layout of the crops and the seeded call.
+
+    Subclasses set `global_crop_size`, `num_local_crops`, `local_crop_sizes`, `convert_to_rgb` and
+    define `_crops(image) -> list[Tensor]`.
+    """
+
+    global_crop_size: int
+    num_local_crops: tuple[int, ...]
+    local_crop_sizes: tuple[int, ...]
+    convert_to_rgb: bool
+
+    @property
+    def num_crops(self) -> int:
+        return 2 + sum(self.num_local_crops)
+
+    @property
+    def crop_sizes(self) -> list[int]:
+        """Side of every returned crop, in order."""
+        sizes = [self.global_crop_size] * 2
+        for count, size in zip(self.num_local_crops, self.local_crop_sizes):
+            sizes += [size] * count
+        return sizes
+
+    def _crops(self, image: Image.Image) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _prepare(self, image: Image.Image) -> Image.Image:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"{type(self).__name__} expects a PIL image, got {type(image).__name__}")
+        if self.convert_to_rgb and image.mode != "RGB":
+            image = image.convert("RGB")
+        return image
+
+    def __call__(self, image: Image.Image, seed: int | None = None) -> list[torch.Tensor]:
+        """All crops of one image. With `seed`, the result depends only on (image, seed)."""
+        image = self._prepare(image)
+        if seed is None:
+            return self._crops(image)
+        with torch.random.fork_rng(devices=[]):
+            # Seed only the CPU generator: `torch.manual_seed` also visits the accelerator
+            # generators, which costs milliseconds per call (once per image here).
+            torch.random.default_generator.manual_seed(seed)
+            return self._crops(image)
+
+
+class MultiCropAugmentation(SeededCrops):
     """PIL image -> `[global_1, global_2, local_1, ..., local_N]` normalised `[C, H, W]` tensors.
 
     Args:
@@ -180,37 +227,11 @@ class MultiCropAugmentation:
             transforms.Compose([crop(size, local_crops_scale), *photometric, blur_local, *to_tensor]) for size in sizes
         ]
 
-    @property
-    def num_crops(self) -> int:
-        return 2 + sum(self.num_local_crops)
-
-    @property
-    def crop_sizes(self) -> list[int]:
-        """Side of every returned crop, in order."""
-        sizes = [self.global_crop_size] * 2
-        for count, size in zip(self.num_local_crops, self.local_crop_sizes):
-            sizes += [size] * count
-        return sizes
-
     def _crops(self, image: Image.Image) -> list[torch.Tensor]:
         crops = [self.global_transform_1(image), self.global_transform_2(image)]
         for count, transform in zip(self.num_local_crops, self.local_transforms):
             crops.extend(transform(image) for _ in range(count))
         return crops
-
-    def __call__(self, image: Image.Image, seed: int | None = None) -> list[torch.Tensor]:
-        """All crops of one image. With `seed`, the result depends only on (image, seed)."""
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"MultiCropAugmentation expects a PIL image, got {type(image).__name__}")
-        if self.convert_to_rgb and image.mode != "RGB":
-            image = image.convert("RGB")
-        if seed is None:
-            return self._crops(image)
-        with torch.random.fork_rng(devices=[]):
-            # Seed only the CPU generator: `torch.manual_seed` also visits the accelerator
-            # generators, which costs milliseconds per call (once per image here).
-            torch.random.default_generator.manual_seed(seed)
-            return self._crops(image)
 
     def __repr__(self) -> str:
         lines = [
