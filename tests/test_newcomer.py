@@ -51,26 +51,32 @@ def test_a_folder_without_images_is_refused_before_training(tmp_path):
 # and `import esvit` defers the Auto-class registration while it does.
 _IMPORTS_AT_EXIT = """
 import runpy, sys
-sys.argv = ["run_pretraining.py", *sys.argv[1:]]
+sys.argv = sys.argv[1:]
 try:
-    runpy.run_path("run_pretraining.py", run_name="__main__")
+    runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
     print("HEAVY:", sorted(m for m in ("torch", "datasets", "accelerate") if m in sys.modules), file=sys.stderr)
 """
 
 
 @pytest.mark.parametrize(
-    "argv, expected",
+    "script, argv, expected",
     [
-        (["--help"], "--num_local_crops"),
-        (["--num_locl_crops", "1"], "did you mean '--num_local_crops'"),
-        (["--recipe", "small-image-cpu"], "did you mean 'small-images-cpu'"),
-        (["--train_dir", "/nonexistent/folder"], "is not a folder"),
+        ("run_pretraining.py", ["--help"], "--num_local_crops"),
+        ("run_pretraining.py", ["--num_locl_crops", "1"], "did you mean '--num_local_crops'"),
+        ("run_pretraining.py", ["--recipe", "small-image-cpu"], "did you mean 'small-images-cpu'"),
+        ("run_pretraining.py", ["--train_dir", "/nonexistent/folder"], "is not a folder"),
+        ("run_linear_probe.py", ["--help"], "--train_val_split"),
+        ("run_linear_probe.py", ["--model_name_or_path", "m", "--output_dir", "o", "--protocol", "knnn"], "knnn"),
     ],
 )
-def test_help_and_argument_errors_answer_before_torch_is_imported(argv, expected):
+def test_help_and_argument_errors_answer_before_torch_is_imported(script, argv, expected):
     run = subprocess.run(
-        [sys.executable, "-c", _IMPORTS_AT_EXIT, *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _IMPORTS_AT_EXIT, script, *argv],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert expected in run.stdout + run.stderr
     assert "HEAVY: []" in run.stderr, run.stderr[-2000:]

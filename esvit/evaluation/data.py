@@ -48,6 +48,7 @@ from ..images import (
     read_image_bytes,
     to_rgb,
 )
+from .arguments import DEFAULT_TRAIN_VAL_SPLIT
 from .linear_probe import stratified_holdout
 
 __all__ = [
@@ -72,10 +73,6 @@ logger = logging.getLogger(__name__)
 
 #: Evaluation splits tried, in order, when none is named.
 EVAL_SPLIT_GUESSES = ("validation", "val", "test")
-#: Share of train held out for evaluation when the source has no evaluation split (as in
-#: transformers' image-classification examples).
-DEFAULT_TRAIN_VAL_SPLIT = 0.15
-
 _LABEL_COLUMN_GUESSES = ("label", "labels", "fine_label", "class", "target")
 _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 

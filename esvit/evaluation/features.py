@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["FEATURE_KINDS", "compute_features", "extract_features", "find_undecodable_rows"]
+from .arguments import FEATURE_KINDS
 
-FEATURE_KINDS = ("pooled", "n_last_blocks")
+__all__ = ["FEATURE_KINDS", "compute_features", "extract_features", "find_undecodable_rows"]
 
 
 def compute_features(model: torch.nn.Module, pixel_values: torch.Tensor, kind: str, n: int = 4) -> torch.Tensor:
