@@ -381,11 +381,11 @@ def default_augmentation(config, recipe: str | None = None, **overrides):
 
     Without a recipe: global crops of `config.image_size`, local crops of 96/224 of it. `overrides`
     are `DataArguments` fields (`local_crop_size`, `num_local_crops`, `blur_probs`, ...); None
-    values are ignored. Built as `esvit.training.data.build_augmentation` builds it, without
-    importing `datasets`.
+    values are ignored. Built by `esvit.training.multicrop.build_augmentation`, as pretraining
+    builds it, without importing `datasets`.
     """
-    from ..training.arguments import DataArguments, pair
-    from ..training.multicrop import MultiCropAugmentation
+    from ..training.arguments import DataArguments
+    from ..training.multicrop import build_augmentation
 
     values = dict(global_crop_size=config.image_size, local_crop_size=max(8, round(config.image_size * 96 / 224)))
     if recipe is not None:
@@ -396,14 +396,7 @@ def default_augmentation(config, recipe: str | None = None, **overrides):
     crop_fields = ("global_crop_size", "global_crops_scale", "local_crop_size", "num_local_crops")
     crop_fields += ("local_crops_scale", "blur_probs")
     args = DataArguments(**{k: v for k, v in values.items() if k in crop_fields})  # validates the values
-    return MultiCropAugmentation(
-        global_crop_size=args.global_crop_size,
-        global_crops_scale=pair(args.global_crops_scale, "global_crops_scale"),
-        num_local_crops=args.num_local_crops,
-        local_crop_size=args.local_crop_size,
-        local_crops_scale=pair(args.local_crops_scale, "local_crops_scale"),
-        blur_probs=tuple(args.blur_probs),
-    )
+    return build_augmentation(args)
 
 
 def _eval_view(image: Image.Image, size: int) -> torch.Tensor:

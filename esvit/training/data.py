@@ -47,7 +47,7 @@ import torch
 
 from ..images import DEFAULT_MAX_IMAGE_PIXELS, UndecodableImage, decode_image, pick_image_column, read_image_bytes
 from .arguments import IMAGE_SUFFIXES, DataArguments, pair
-from .multicrop import MultiCropAugmentation
+from .multicrop import build_augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -140,18 +140,6 @@ def describe_example(example: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ batching
-def build_augmentation(args: DataArguments) -> MultiCropAugmentation:
-    """The multi-crop augmentation described by `args` (2 global + `num_local_crops` local crops)."""
-    return MultiCropAugmentation(
-        global_crop_size=args.global_crop_size,
-        global_crops_scale=pair(args.global_crops_scale, "global_crops_scale"),
-        num_local_crops=args.num_local_crops,
-        local_crop_size=args.local_crop_size,
-        local_crops_scale=pair(args.local_crops_scale, "local_crops_scale"),
-        blur_probs=tuple(args.blur_probs),
-    )
-
-
 def min_side_for_crops(args: DataArguments) -> int:
     """The shorter image side above which no crop of the recipe is upsampled: a crop of area
     fraction `s` of a square image of side `S` has side `sqrt(s) * S`, so decoding at

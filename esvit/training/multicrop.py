@@ -28,6 +28,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from ..images import IMAGENET_MEAN, IMAGENET_STD
+from .arguments import DataArguments, pair
 
 
 class RandomGaussianBlur:
@@ -244,4 +245,24 @@ class MultiCropAugmentation(SeededCrops):
         return "\n".join(lines) + "\n)"
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MultiCropAugmentation", "RandomGaussianBlur", "RandomSolarize"]
+def build_augmentation(args: DataArguments) -> MultiCropAugmentation:
+    """The multi-crop augmentation described by `args` (2 global + `num_local_crops` local crops)."""
+    return MultiCropAugmentation(
+        global_crop_size=args.global_crop_size,
+        global_crops_scale=pair(args.global_crops_scale, "global_crops_scale"),
+        num_local_crops=args.num_local_crops,
+        local_crop_size=args.local_crop_size,
+        local_crops_scale=pair(args.local_crops_scale, "local_crops_scale"),
+        blur_probs=tuple(args.blur_probs),
+    )
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MultiCropAugmentation",
+    "RandomGaussianBlur",
+    "RandomSolarize",
+    "SeededCrops",
+    "build_augmentation",
+]
